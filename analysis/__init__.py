@@ -1,0 +1,1 @@
+"""saetune.analysis (filled by later work)."""

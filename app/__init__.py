@@ -1,0 +1,1 @@
+"""saetune.app (filled by later work)."""

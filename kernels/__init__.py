@@ -1,0 +1,1 @@
+"""saetune.kernels (filled by later work)."""

@@ -1,0 +1,143 @@
+"""TopK-SAE training ops with sparse backward passes (plain-torch reference path).
+
+Shapes: B tokens, d = d_in, n = d_sae, k active latents per token.
+
+Encoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")::
+
+    pre  = x_in · W_enc + b_enc                 (B, n)      x_in = x − b_dec
+    (v, i) = TopK_k(pre),  v ← ReLU(v)          (B, k), (B, k)
+
+Only k of n pre-activations per token reach the loss, so the backward needs only them::
+
+    ∂x_in[b]      = Σ_j g[b,j] · W_enc[:, i[b,j]]          (a gather of k columns)
+    ∂W_enc[:, c]  = Σ_{(b,j): i[b,j]=c} g[b,j] · x_in[b]    (sparse Gᵀ · x_in)
+    ∂b_enc[c]     = Σ_{(b,j): i[b,j]=c} g[b,j]
+
+with g zeroed where ReLU clipped. The dense (B, n) gradient and its two GEMMs never exist.
+The same pass can also select the AuxK latents (top ``k_aux`` pre-activations among dead
+latents), whose gradient flows into the encoder through the same sparse rule.
+
+Decoder as a gather::
+
+    x̂[b] = Σ_j v[b,j] · W_dec[i[b,j]] (+ b_dec outside)
+    ∂v[b,j] = ⟨g_out[b], W_dec[i[b,j]]⟩,   ∂W_dec[c] = Σ_{(b,j): i[b,j]=c} v[b,j] · g_out[b]
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
+
+
+def _csr(values: Tensor, idx: Tensor, n: int) -> Tensor:
+    """(B, n) CSR matrix with ``values[b, j]`` at column ``idx[b, j]`` (duplicates add)."""
+    B, k = idx.shape
+    crow = torch.arange(0, B * k + 1, k, device=idx.device, dtype=torch.int64)
+    return torch.sparse_csr_tensor(crow, idx.reshape(-1).to(torch.int64), values.reshape(-1), size=(B, n))
+
+
+def sparse_t_matmul(values: Tensor, idx: Tensor, n: int, dense: Tensor) -> Tensor:
+    """Sᵀ · dense for the sparse (B, n) matrix S given by (values, idx): the (n, D) latent-major sum."""
+    if dense.device.type == "cpu":
+        return torch.sparse.mm(_csr(values.to(dense.dtype), idx, n).t(), dense)
+    out = torch.zeros(n, dense.shape[1], device=dense.device, dtype=dense.dtype)
+    k = idx.shape[1]
+    rows = dense.repeat_interleave(k, dim=0) * values.reshape(-1, 1).to(dense.dtype)
+    return out.index_add_(0, idx.reshape(-1), rows)
+
+
+def gather_rows_dot(rows_of: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
+    """out[b] = Σ_j weights[b, j] · rows_of[idx[b, j]] → (B, D)."""
+    return F.embedding_bag(idx, rows_of, per_sample_weights=weights.to(rows_of.dtype), mode="sum")
+
+
+class TopKEncode(torch.autograd.Function):
+    """(x_in, W_enc, b_enc) → (v, i, v_aux, i_aux) with the sparse backward described above."""
+
+    @staticmethod
+    def forward(ctx, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None, k_aux: int):
+        pre = torch.addmm(b_enc.to(x_in.dtype), x_in, W_enc.to(x_in.dtype))  # (B, n)
+        v, i = pre.topk(k, dim=-1, sorted=False)
+        v = v.relu()
+        if aux_mask is not None and k_aux > 0:
+            pre.masked_fill_(~aux_mask, float("-inf"))
+            va, ia = pre.topk(k_aux, dim=-1, sorted=False)
+            va = torch.where(torch.isfinite(va), va.relu(), torch.zeros_like(va))
+        else:
+            va = v.new_zeros(v.shape[0], 0)
+            ia = i.new_zeros(i.shape[0], 0)
+        del pre
+        ctx.save_for_backward(x_in, W_enc, i, v, ia, va)
+        ctx.mark_non_differentiable(i, ia)
+        ctx.n = W_enc.shape[1]
+        return v, i, va, ia
+
+    @staticmethod
+    def backward(ctx, g_v: Tensor, g_i, g_va: Tensor, g_ia):
+        x_in, W_enc, i, v, ia, va = ctx.saved_tensors
+        n = ctx.n
+        g = (g_v if g_v is not None else torch.zeros_like(v)) * (v > 0)
+        if ia.shape[1] > 0 and g_va is not None:
+            g = torch.cat([g, g_va * (va > 0)], dim=1)
+            i = torch.cat([i, ia], dim=1)
+        g = g.contiguous()
+        dx = dW = db = None
+        if ctx.needs_input_grad[0]:
+            dx = gather_rows_dot(W_enc.t().contiguous(), i, g).to(x_in.dtype)  # (B, d)
+        if ctx.needs_input_grad[1]:
+            dW = sparse_t_matmul(g.float(), i, n, x_in.float()).t().to(W_enc.dtype)  # (d, n)
+        if ctx.needs_input_grad[2]:
+            db = torch.zeros(n, device=g.device, dtype=torch.float32).index_add_(0, i.reshape(-1), g.reshape(-1).float())
+        return dx, dW, db, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """(v, i, W_dec) → Σ_j v[b,j] W_dec[i[b,j]], backward from the k active rows only."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, i: Tensor, W_dec: Tensor):
+        ctx.save_for_backward(v, i, W_dec)
+        return gather_rows_dot(W_dec, i, v)
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):
+        v, i, W_dec = ctx.saved_tensors
+        g_out = g_out.contiguous()  # a stride-0 gradient (from loss.sum()) must become real memory
+        dv = dW = None
+        if ctx.needs_input_grad[0]:
+            dv = torch.bmm(W_dec[i].to(g_out.dtype), g_out.unsqueeze(-1)).squeeze(-1).to(v.dtype)
+        if ctx.needs_input_grad[2]:
+            dW = sparse_t_matmul(v.float(), i, W_dec.shape[0], g_out.float()).to(W_dec.dtype)
+        return dv, None, dW
+
+
+def topk_encode(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None,
+                k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k encoder with sparse backward; optionally the AuxK selection among ``aux_mask`` latents."""
+    if aux_mask is not None:
+        k_aux = min(k_aux, int(aux_mask.sum()))
+    return TopKEncode.apply(x_in, W_enc, b_enc, k, aux_mask, k_aux)
+
+
+def sparse_decode(v: Tensor, i: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_j v[b,j] · W_dec[i[b,j]] → (B, d), without b_dec."""
+    return SparseDecode.apply(v, i, W_dec)
+
+
+# ---- dense references (the definition the sparse ops must equal) ----------------------------
+
+def topk_encode_dense(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> Tensor:
+    """Dense reference: ReLU(TopK(x_in · W_enc + b_enc)) scattered into (B, n)."""
+    pre = x_in @ W_enc + b_enc
+    v, i = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, i, v.relu())
+
+
+def decode_dense(acts: Tensor, W_dec: Tensor) -> Tensor:
+    return acts @ W_dec

@@ -1,0 +1,1 @@
+"""saetune.rl (filled by later work)."""

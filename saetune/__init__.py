@@ -1,0 +1,36 @@
+"""saetune: sparse autoencoders, Resa-style SAE-Tuning and RL tools for reasoning models.
+
+Heavy modules load on first use, so ``import saetune`` stays fast::
+
+    from saetune import SAE, SAEConfig, train_sae
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SAE": ("saetune.sae", "SAE"),
+    "SAEConfig": ("saetune.sae", "SAEConfig"),
+    "train_sae": ("saetune.train_sae", "train_sae"),
+    "TrainSAEConfig": ("saetune.train_sae", "TrainSAEConfig"),
+    "ActivationStore": ("saetune.activations", "ActivationStore"),
+    "cache": ("saetune.activations", "cache"),
+    "CacheConfig": ("saetune.activations", "CacheConfig"),
+    "load_model": ("saetune.models", "load_model"),
+    "demo": ("saetune.demo", "demo"),
+    "SaetuneError": ("saetune.errors", "SaetuneError"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'saetune' has no attribute {name!r}")

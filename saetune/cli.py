@@ -1,0 +1,127 @@
+"""The ``saetune`` command line. Every verb is a thin shell over a Python function taking the
+stage's config dataclass; the dataclass fields are the flags, documented once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from . import config as _config
+from .errors import SaetuneError
+
+
+def _verb(sub, name: str, cls: type, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=(cls.__doc__ or help).strip(),
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="YAML", help="YAML config or shipped recipe name; flags override it")
+    p.add_argument("--out", metavar="DIR", help="run dir to write (default runs/<stage>-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its config.yaml is used)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
+    _config.add_arguments(p, cls)
+    p.set_defaults(cls=cls)
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Any, str | None, bool]:
+    cls = args.cls
+    overrides = _config.overrides_from_args(args, cls)
+    path = args.config
+    out = args.out
+    resume = bool(args.resume)
+    if resume:
+        if out and Path(out) != Path(args.resume):
+            raise SaetuneError(f"--out {out!r} and --resume {args.resume!r} name different dirs; pass only --resume")
+        out = args.resume
+        if path is None:
+            saved = Path(args.resume) / "config.yaml"
+            if not saved.exists():
+                raise SaetuneError(f"cannot resume {args.resume!r}: it holds no config.yaml (is it a saetune run dir?)")
+            path = saved
+    return _config.load_config(cls, path, overrides), out, resume
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=1, default=str))
+
+
+def cmd_toy_build(args) -> None:
+    from .toy.build import build_toy
+    cfg, out, resume = _resolve(args)
+    stats = build_toy(cfg, out or "runs/toy-base", resume=resume, overwrite=args.overwrite)
+    _print_json(stats)
+
+
+def cmd_cache(args) -> None:
+    from .activations import cache
+    cfg, out, resume = _resolve(args)
+    _print_json(cache(cfg, out, resume=resume, overwrite=args.overwrite))
+
+
+def cmd_train_sae(args) -> None:
+    from .train_sae import train_sae
+    cfg, out, resume = _resolve(args)
+    _print_json(train_sae(cfg, out, resume=resume, overwrite=args.overwrite))
+
+
+def cmd_demo(args) -> None:
+    from .demo import demo
+    cfg, out, resume = _resolve(args)
+    demo(cfg, out, resume=resume, overwrite=args.overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .activations import CacheConfig
+    from .demo import DemoConfig
+    from .toy.build import ToyBuildConfig
+    from .train_sae import TrainSAEConfig
+
+    parser = argparse.ArgumentParser(prog="saetune", description=(
+        "saetune: sparse autoencoders, SAE-Tuning and RL tools for reasoning models. "
+        "Each verb writes one run dir (config.yaml, manifest.json, metrics.jsonl, artifacts)."))
+    parser.add_argument("--version", action="version", version=f"saetune {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = _verb(sub, "demo", DemoConfig, "toy model → activations → SAE, with a summary table")
+    p.set_defaults(fn=cmd_demo)
+
+    toy = sub.add_parser("toy", help="the built-in model organism (a tiny arithmetic reasoning model)")
+    toy_sub = toy.add_subparsers(dest="toy_verb", metavar="ACTION")
+    toy_sub.required = True
+    p = _verb(toy_sub, "build", ToyBuildConfig, "pre-train the toy model from scratch into a HF model dir")
+    p.set_defaults(fn=cmd_toy_build)
+
+    p = _verb(sub, "cache", CacheConfig, "capture activations into an on-disk store")
+    p.set_defaults(fn=cmd_cache)
+    p = _verb(sub, "train-sae", TrainSAEConfig, "train SAEs on a model's activations (store or on the fly)")
+    p.set_defaults(fn=cmd_train_sae)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.fn(args)
+        return 0
+    except SaetuneError as e:
+        print(f"saetune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saetune: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
+        return 130
+    except Exception as e:  # no raw traceback for CLI users unless asked
+        if os.environ.get("SAETUNE_DEBUG"):
+            raise
+        print(f"saetune: internal error: {type(e).__name__}: {e}\n"
+              "(set SAETUNE_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""``saetune train-sae``: train one or several SAEs from an activation store or on the fly.
+
+Resa's Stage I (SPEC_RESA.md) is the default recipe: TopK, FVU loss, no AuxK, b_dec from the
+first batch's mean, decoder rows re-normalised every step with the gradient component parallel
+to each row removed first, sign-SGD under schedule-free averaging, averaged weights saved.
+
+Several SAEs (hooks × widths × k) train from one stream of forwards. A checkpoint holds every
+SAE's weights, its optimiser state, the dead-latent counters, the data position and the RNG
+state, all in safetensors/JSON, written atomically; ``resume`` continues a killed run and ends
+with the same SAE as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+
+from .activations import ActivationStore, resolve_device, stream_batches
+from .config import opt
+from .data import DataConfig, load_chunks
+from .errors import SaetuneError
+from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
+from .metrics import fvu as fvu_of, l0 as l0_of, mse as mse_of
+from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free, load_optimizer, save_optimizer
+from .runs import RunDir
+from .sae import ARCHITECTURES, SAE, SAEConfig, _StepL0
+
+STAGE = "train-sae"
+
+
+@dataclass
+class TrainSAEConfig(DataConfig):
+    """``saetune train-sae``: train sparse autoencoders on a model's activations."""
+
+    model: str = opt("toy", "model whose activations are used: 'toy', a local HF dir, or a hub id")
+    activations: str = opt("", "train from this activation store (a `saetune cache` run dir); empty = compute "
+                               "activations on the fly from the model and data (Resa's way)")
+    hooks: list[str] = opt(None, "hook points, one SAE set per hook (e.g. model.layers.2)",
+                           factory=lambda: ["model.layers.2"])
+    architecture: str = opt("topk", f"SAE architecture: {', '.join(ARCHITECTURES)}")
+    d_sae: list[int] = opt(None, "latent counts (one SAE per width); empty = expansion_factor × d_in",
+                           factory=list)
+    expansion_factor: int = opt(8, "d_sae = expansion_factor × d_in when d_sae is empty")
+    k: list[int] = opt(None, "active latents per token for topk/batchtopk (one SAE per value; Resa: 32)",
+                       factory=lambda: [32])
+    optimizer: str = opt("signum_sf", f"optimiser: {', '.join(OPTIMIZERS)} (signum_sf = Resa's sign-SGD + "
+                                      "schedule-free)")
+    lr: float = opt(0.0, "learning rate; 0 = width-scaled default (signum_sf 5e-3/√(d_sae/2¹⁴), adam "
+                         "2e-4/√(d_sae/2¹⁴))")
+    momentum: float = opt(0.95, "schedule-free momentum (signum_sf)")
+    warmup_steps: int = opt(0, "linear lr warm-up steps (adam only; Resa uses none)")
+    batch_size: int = opt(4096, "tokens per step (Resa: 65,536 over 2 GPUs); a multiple of context_size "
+                                "when activations are computed on the fly")
+    total_tokens: int = opt(0, "train on this many tokens (0 = one pass over the data)")
+    shuffle: bool = opt(False, "shuffle store reads across shards (Resa: no shuffle)")
+    seed: int = opt(0, "seed of SAE init and shuffling")
+    auxk_coef: float = opt(0.0, "weight of the AuxK loss on dead latents (Resa: 0; Gao et al.: 1/32)")
+    auxk_k: int = opt(0, "dead latents used by AuxK per token (0 = d_in // 2)")
+    dead_tokens: int = opt(10_000_000, "a latent is dead after this many tokens without firing (Resa: 10M)")
+    normalize_decoder: bool = opt(True, "topk/batchtopk: unit-norm decoder rows every step and remove the "
+                                        "gradient parallel to them")
+    init_b_dec: Literal["mean", "zero"] = opt("mean", "b_dec init: mean of the first batch (Resa) or zero")
+    l1_coefficient: float = opt(5.0, "standard SAEs: weight of the L1 penalty Σ f_j‖W_dec,j‖")
+    l0_coefficient: float = opt(1.0, "jumprelu SAEs: weight of the L0 penalty")
+    jumprelu_bandwidth: float = opt(0.001, "jumprelu SAEs: straight-through bandwidth ε")
+    autocast: Literal["auto", "none", "bfloat16"] = opt("auto", "SAE forward under autocast: auto = bfloat16 on "
+                                                                 "CUDA (Resa), none on CPU")
+    device: str = opt("auto", "'auto' (cuda if present), 'cpu' or 'cuda'")
+    model_dtype: str = opt("float32", "dtype the model runs in for on-the-fly activations (Resa: bfloat16)")
+    log_every: int = opt(10, "log metrics every N steps")
+    checkpoint_every: int = opt(200, "write a resumable checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep")
+    eval_seqs: int = opt(32, "held-out sequences for the spliced-in metrics (CE loss recovered, KL); 0 = skip")
+    save_format: Literal["saelens", "sparsify"] = opt("saelens", "layout of the saved SAEs")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise SaetuneError(f"unknown SAE architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SaetuneError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if not self.hooks:
+            raise SaetuneError("train-sae needs at least one hook point (hooks)")
+        if self.batch_size < 1:
+            raise SaetuneError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.auxk_coef > 0 and self.architecture != "topk":
+            raise SaetuneError(f"AuxK (auxk_coef={self.auxk_coef}) is defined for topk SAEs only; this run is "
+                               f"{self.architecture!r}")
+        if self.save_format == "sparsify" and self.architecture != "topk":
+            raise SaetuneError("save_format 'sparsify' holds topk SAEs only; use save_format 'saelens'")
+        if self.architecture in ("topk", "batchtopk") and not self.k:
+            raise SaetuneError(f"architecture {self.architecture!r} needs k")
+
+
+# ---- one SAE's training state ---------------------------------------------------------------
+
+class SAETrainer:
+    """One SAE, its optimiser and its dead-latent counter. ``step(x)`` → metrics dict."""
+
+    def __init__(self, name: str, sae: SAE, cfg: TrainSAEConfig, device: str):
+        self.name, self.sae, self.cfg = name, sae, cfg
+        self.lr = cfg.lr or default_lr(cfg.optimizer, sae.d_sae)
+        self.opt = build_optimizer(cfg.optimizer, sae.parameters(), self.lr, cfg.momentum)
+        self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+        self.k_aux = cfg.auxk_k or sae.d_in // 2
+        arch = sae.cfg.architecture
+        self.renorm = cfg.normalize_decoder and arch in ("topk", "batchtopk")
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(loss, metric tensors, fired-latent mask) for a batch x [B, d_in]."""
+        from saetune.kernels.topk_sae import sparse_decode, topk_encode
+        sae, cfg = self.sae, self.cfg
+        arch = sae.cfg.architecture
+        m: dict[str, torch.Tensor] = {}
+        if arch == "topk":
+            dead = self.dead_mask() if cfg.auxk_coef > 0 else None
+            use_aux = dead is not None and bool(dead.any())
+            x_in = x - sae.b_dec
+            v, i, va, ia = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k, dead if use_aux else None, self.k_aux)
+            x_hat = sparse_decode(v, i, sae.W_dec) + sae.b_dec
+            f = fvu_of(x, x_hat.float())
+            loss = f
+            m["l0"] = (v > 0).float().sum(-1).mean()
+            fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+            fired[i[v > 0]] = True
+            if use_aux:
+                # AuxK (Gao et al. 2024): the top-k_aux dead latents reconstruct the residual e = x − x̂
+                e = (x - x_hat).detach().float()
+                e_hat = sparse_decode(va, ia, sae.W_dec).float()
+                scale = min(int(dead.sum()) / self.k_aux, 1.0)
+                auxk = scale * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+                loss = loss + cfg.auxk_coef * auxk
+                m["auxk"] = auxk
+        else:
+            pre = sae.pre_acts(x)
+            if arch == "batchtopk":
+                acts = sae.batch_topk(pre)
+            elif arch == "standard":
+                acts = pre.relu()
+            else:
+                from .sae import _JumpReLU
+                acts = _JumpReLU.apply(pre, sae.threshold, sae.cfg.jumprelu_bandwidth)
+            x_hat = sae.decode(acts)
+            f = fvu_of(x, x_hat.float())
+            mse = mse_of(x, x_hat.float())
+            if arch == "batchtopk":
+                loss = f
+                with torch.no_grad():  # inference threshold: running mean of the smallest kept activation
+                    pos = acts[acts > 0]
+                    if pos.numel():
+                        sae.threshold.mul_(0.99).add_(0.01 * pos.min())
+            elif arch == "standard":
+                loss = mse + sae.cfg.l1_coefficient * (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
+            else:
+                loss = mse + sae.cfg.l0_coefficient * _StepL0.apply(pre, sae.threshold, sae.cfg.jumprelu_bandwidth).sum(-1).mean()
+            m["l0"] = l0_of(acts)
+            fired = (acts > 0).any(0)
+        m["fvu"] = f
+        m["mse"] = (x_hat.float() - x).pow(2).sum(-1).mean()
+        m["loss"] = loss
+        return loss, m, fired
+
+    def step(self, x: torch.Tensor, autocast: torch.dtype | None) -> dict[str, torch.Tensor]:
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            loss, m, fired = self.loss(x)
+        loss.backward()
+        if self.renorm:
+            self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.renorm:
+            self.sae.set_decoder_norm_to_unit_norm()
+        if self.sae.cfg.architecture == "jumprelu":
+            with torch.no_grad():
+                self.sae.threshold.clamp_(min=1e-6)
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[fired] = 0
+        m["dead_frac"] = self.dead_mask().float().mean()
+        return {k: v.detach() for k, v in m.items()}
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def sae_specs(cfg: TrainSAEConfig, widths: dict[str, int]) -> list[tuple[str, str, int, int | None]]:
+    """(name, hook, d_sae, k) for every SAE of the run; names are the hook when it is unique."""
+    ks: list[int | None] = list(cfg.k) if cfg.architecture in ("topk", "batchtopk") else [None]
+    specs = []
+    for hook in cfg.hooks:
+        sizes = list(cfg.d_sae) or [cfg.expansion_factor * widths[hook]]
+        combos = list(itertools.product(sizes, ks))
+        for n, k in combos:
+            name = hook if len(combos) == 1 else f"{hook}.w{n}" + (f".k{k}" if k is not None else "")
+            specs.append((name, hook, n, k))
+    return specs
+
+
+def _checkpoint_dir(run: RunDir) -> Path:
+    return run.path / "checkpoints"
+
+
+def save_checkpoint(run: RunDir, trainers: list[SAETrainer], step: int, tokens: int, keep: int) -> None:
+    """checkpoints/step_NNNNNNN/{<i>.sae,<i>.optim,state}.safetensors + JSON; then latest.json."""
+    root = _checkpoint_dir(run)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state: dict[str, torch.Tensor] = {"torch_rng": torch.get_rng_state()}
+    for j, t in enumerate(trainers):
+        atomic_save_safetensors(tmp / f"{j}.sae.safetensors", t.sae.state_tensors())
+        save_optimizer(t.opt, tmp / f"{j}.optim")
+        state[f"{j}.tokens_since_fired"] = t.tokens_since_fired
+    atomic_save_safetensors(tmp / "state.safetensors", state)
+    atomic_write_json(tmp / "state.json", {"step": step, "tokens": tokens, "saes": [t.name for t in trainers]})
+    atomic_replace_dir(tmp, final)
+    atomic_write_json(root / "latest.json", {"step": step, "dir": final.name})
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: RunDir, trainers: list[SAETrainer]) -> tuple[int, int]:
+    """Restore the latest checkpoint into ``trainers``; returns (step, tokens), (0, 0) if none."""
+    from safetensors.torch import load_file
+    root = _checkpoint_dir(run)
+    latest = root / "latest.json"
+    if not latest.exists():
+        return 0, 0
+    d = root / json.loads(latest.read_text())["dir"]
+    meta = json.loads((d / "state.json").read_text())
+    if meta["saes"] != [t.name for t in trainers]:
+        raise SaetuneError(f"checkpoint {str(d)!r} holds SAEs {meta['saes']}, this run has "
+                           f"{[t.name for t in trainers]}")
+    state = load_file(str(d / "state.safetensors"))
+    for j, t in enumerate(trainers):
+        t.sae._load_tensors(load_file(str(d / f"{j}.sae.safetensors")))
+        load_optimizer(t.opt, d / f"{j}.optim")
+        t.tokens_since_fired.copy_(state[f"{j}.tokens_since_fired"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(meta["step"]), int(meta["tokens"])
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool = False,
+              overwrite: bool = False) -> dict[str, Any]:
+    """Train the SAEs of ``cfg`` into a run dir; returns the results (also in ``results.json``)."""
+    from tqdm.auto import tqdm
+    device = resolve_device(cfg.device)
+    run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
+                      resume_ignore=("progress", "log_every"))
+    run.manifest["n_gpus"] = 1 if device.startswith("cuda") else 0
+    try:
+        with run.phase("load"):
+            source = _DataSource(cfg, device)
+        run.add_input("model", source.model_path)
+        if cfg.activations:
+            run.add_input("activations", cfg.activations, digest=source.store_digest)
+        specs = sae_specs(cfg, source.widths)
+        trainers = []
+        for j, (name, hook, n, k) in enumerate(specs):
+            sc = SAEConfig(d_in=source.widths[hook], d_sae=n, k=k, architecture=cfg.architecture,
+                           l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient,
+                           jumprelu_bandwidth=cfg.jumprelu_bandwidth, hook_name=hook, model_name=cfg.model)
+            trainers.append((hook, SAETrainer(name, SAE(sc, seed=cfg.seed + j).to(device), cfg, device)))
+        n_steps = source.n_steps
+        start, tokens = load_checkpoint(run, [t for _, t in trainers]) if resume else (0, 0)
+        run.truncate_metrics(start)
+        autocast = torch.bfloat16 if (cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device != "cpu")) else None
+        bar = tqdm(total=n_steps, initial=start, desc="train-sae", unit="step", disable=not cfg.progress)
+        t_train = time.perf_counter()
+        last_ckpt = start
+        with run.phase("train"):
+            for step, batch in enumerate(source.batches(start), start=start):
+                if step >= n_steps:
+                    break
+                if step == 0 and cfg.init_b_dec == "mean":
+                    with torch.no_grad():
+                        for hook, t in trainers:
+                            t.sae.b_dec.copy_(batch[hook].mean(0))
+                if cfg.optimizer == "adam" and cfg.warmup_steps:
+                    for _, t in trainers:
+                        t.set_lr(t.lr * min(1.0, (step + 1) / cfg.warmup_steps))
+                row: dict[str, Any] = {}
+                for hook, t in trainers:
+                    m = t.step(batch[hook], autocast)
+                    if not torch.isfinite(m["loss"]):
+                        raise SaetuneError(f"non-finite loss ({m['loss'].item()}) for SAE {t.name!r} at step "
+                                           f"{step + 1}; training stopped, the last good checkpoint "
+                                           f"(step {last_ckpt}) is kept — lower the lr or check the activations")
+                    prefix = "" if len(trainers) == 1 else f"{t.name}/"
+                    row.update({prefix + k: v for k, v in m.items()})
+                tokens += cfg.batch_size
+                done = step + 1
+                if done % cfg.log_every == 0 or done == n_steps:
+                    elapsed = time.perf_counter() - t_train
+                    rec = {"step": done, "tokens": tokens, **{k: round(float(v), 6) for k, v in row.items()},
+                           "tokens_per_s": round((done - start) * cfg.batch_size / max(elapsed, 1e-9), 1)}
+                    run.log(rec)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k.endswith(("fvu", "l0"))})
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n_steps:
+                    save_checkpoint(run, [t for _, t in trainers], done, tokens, cfg.keep_checkpoints)
+                    last_ckpt = done
+                bar.update(1)
+        bar.close()
+        train_seconds = time.perf_counter() - t_train
+        for _, t in trainers:
+            if is_schedule_free(t.opt):
+                t.opt.eval()  # averaged weights: what Resa saves and evaluates
+        with run.phase("save"):
+            for _, t in trainers:
+                t.sae.eval()
+                rel = "sae" if len(trainers) == 1 else f"sae/{t.name}"
+                t.sae.save(run.path / rel, format=cfg.save_format)
+                run.add_artifact(f"sae:{t.name}", rel)
+        with run.phase("eval"):
+            results = evaluate_saes(source, trainers, cfg)
+        for name, r in results.items():
+            r["train_tokens"] = tokens
+            r["weights"] = "schedule-free averaged (optimizer.eval())" if cfg.optimizer == "signum_sf" else "final"
+        atomic_write_json(run.path / "results.json", results)
+        shutil.rmtree(_checkpoint_dir(run), ignore_errors=True)
+        run.finish(results=results, train_seconds=round(train_seconds, 3), steps=n_steps)
+        return results
+    except KeyboardInterrupt:
+        run.fail("interrupted")
+        raise
+    except BaseException as e:
+        run.fail(str(e) or type(e).__name__)
+        raise
+
+
+class _DataSource:
+    """Batches of activations: from a store, or computed on the fly from the model."""
+
+    def __init__(self, cfg: TrainSAEConfig, device: str):
+        self.cfg, self.device = cfg, device
+        self.model = self.tok = None
+        self.store_digest = None
+        if cfg.activations:
+            self.store = ActivationStore(cfg.activations)
+            for h in cfg.hooks:
+                self.store._hook(h)
+            self.widths = {h: self.store.d(h) for h in cfg.hooks}
+            self.model_path = self.store.manifest.get("model", cfg.model)
+            self.store_digest = ",".join(s["sha256"][:16] for s in self.store.shards[:4])
+            total = self.store.n_batches(cfg.batch_size)
+        else:
+            self._load_model()
+            seqs = cfg.batch_size // cfg.context_size
+            if seqs < 1 or cfg.batch_size % cfg.context_size:
+                raise SaetuneError(f"batch_size ({cfg.batch_size} tokens) must be a positive multiple of "
+                                   f"context_size ({cfg.context_size}) when activations are computed on the fly")
+            chunks = load_chunks(cfg, self.tok)
+            if cfg.eval_seqs and chunks.shape[0] > cfg.eval_seqs * 2:
+                self.eval_chunks, chunks = chunks[-cfg.eval_seqs:], chunks[:-cfg.eval_seqs]
+            self.chunks = chunks
+            self.seqs = seqs
+            total = chunks.shape[0] // seqs
+        want = cfg.total_tokens // cfg.batch_size if cfg.total_tokens else total
+        self.n_steps = min(total, want)
+        if self.n_steps < 1:
+            raise SaetuneError(f"the data gives no full batch of {cfg.batch_size} tokens; add data, lower "
+                               "batch_size, or raise total_tokens")
+
+    def _load_model(self):
+        from .models import load_model, model_width, resolve_hook
+        if self.model is None:
+            self.model, self.tok = load_model(self.cfg.model if not self.cfg.activations else
+                                              self.store.manifest.get("model", self.cfg.model),
+                                              dtype=self.cfg.model_dtype, device=self.device)
+            self.model.requires_grad_(False)
+            self.hps = {h: resolve_hook(self.model, h) for h in self.cfg.hooks}
+            self.widths = {h: model_width(self.model, hp) for h, hp in self.hps.items()}
+            self.model_path = self.cfg.model
+        return self.model
+
+    def batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        if cfg.activations:
+            for b in self.store.iter_batches(cfg.hooks, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
+                                             start_batch=start):
+                yield {h: v.to(self.device) for h, v in b.items()}
+        else:
+            yield from stream_batches(self.model, self.chunks, list(self.hps.values()), self.seqs, start)
+
+    def eval_data(self) -> torch.Tensor | None:
+        """Held-out [N, T] token ids for the spliced-in metrics."""
+        if not self.cfg.eval_seqs:
+            return None
+        if getattr(self, "eval_chunks", None) is not None:
+            return self.eval_chunks
+        # store-trained: fresh text from the same source (toy: a different seed)
+        self._load_model()
+        from dataclasses import replace
+        cfg = replace(self.cfg, data_seed=self.cfg.data_seed + 1) if self.cfg.dataset == "toy" else self.cfg
+        chunks = load_chunks(cfg, self.tok)
+        return chunks[-self.cfg.eval_seqs:]
+
+
+@torch.no_grad()
+def evaluate_saes(source: _DataSource, trainers: list[tuple[str, SAETrainer]], cfg: TrainSAEConfig,
+                  batch_seqs: int = 8) -> dict[str, dict[str, float]]:
+    """FVU, L0, dead fraction, and the spliced-in CE loss recovered and KL, per SAE."""
+    from .metrics import ce_loss_recovered, kl_per_token, next_token_ce
+    from .models import replace_activation
+    results = {t.name: {"dead_frac": round(float(t.dead_mask().float().mean()), 6), "d_sae": t.sae.d_sae,
+                        "k": t.sae.cfg.k, "hook": hook, "architecture": t.sae.cfg.architecture}
+               for hook, t in trainers}
+    ids_all = source.eval_data()
+    if ids_all is None:
+        return results
+    model = source._load_model()
+    dev = next(model.parameters()).device
+    sums: dict[str, dict[str, float]] = {t.name: {} for _, t in trainers}
+    n_batches = 0
+    for b in range(0, ids_all.shape[0], batch_seqs):
+        ids = ids_all[b:b + batch_seqs].to(dev)
+        clean = model(input_ids=ids, use_cache=False).logits
+        ce_clean = float(next_token_ce(clean, ids))
+        n_batches += 1
+        for hook, t in trainers:
+            hp = source.hps[hook]
+            s = sums[t.name]
+            captured = {}
+
+            def splice(a, sae=t.sae, captured=captured):
+                x = a.reshape(-1, a.shape[-1]).float()
+                x_hat = sae(x)
+                captured["x"], captured["x_hat"] = x, x_hat
+                captured["l0"] = l0_of(sae.encode(x))
+                return x_hat.reshape(a.shape).to(a.dtype)
+
+            with replace_activation(model, hp, splice):
+                spliced = model(input_ids=ids, use_cache=False).logits
+            with replace_activation(model, hp, torch.zeros_like):
+                zero = model(input_ids=ids, use_cache=False).logits
+            for key, val in (("ce_clean", ce_clean), ("ce_spliced", float(next_token_ce(spliced, ids))),
+                             ("ce_zero", float(next_token_ce(zero, ids))),
+                             ("kl_spliced", float(kl_per_token(clean, spliced))),
+                             ("fvu", float(fvu_of(captured["x"], captured["x_hat"]))),
+                             ("mse", float(mse_of(captured["x"], captured["x_hat"]))),
+                             ("l0", float(captured["l0"]))):
+                s[key] = s.get(key, 0.0) + val
+    for name, s in sums.items():
+        r = results[name]
+        r.update({k: round(v / n_batches, 6) for k, v in s.items()})
+        r["ce_loss_recovered"] = round(ce_loss_recovered(r["ce_clean"], r["ce_spliced"], r["ce_zero"]), 6)
+        r["n_eval_tokens"] = int(ids_all.numel())
+    return results
