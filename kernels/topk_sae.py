@@ -42,14 +42,31 @@ def _csr(values: Tensor, idx: Tensor, n: int) -> Tensor:
     return torch.sparse_csr_tensor(crow, idx.reshape(-1).to(torch.int64), values.reshape(-1), size=(B, n))
 
 
+def _row_chunk(per_row: int, budget: int = 1 << 26) -> int:
+    """Rows per chunk so that a (rows, per_row) temporary stays under ``budget`` elements."""
+    return max(1, budget // max(per_row, 1))
+
+
 def sparse_t_matmul(values: Tensor, idx: Tensor, n: int, dense: Tensor) -> Tensor:
     """Sᵀ · dense for the sparse (B, n) matrix S given by (values, idx): the (n, D) latent-major sum."""
     if dense.device.type == "cpu":
         return torch.sparse.mm(_csr(values.to(dense.dtype), idx, n).t(), dense)
+    B, k = idx.shape
     out = torch.zeros(n, dense.shape[1], device=dense.device, dtype=dense.dtype)
-    k = idx.shape[1]
-    rows = dense.repeat_interleave(k, dim=0) * values.reshape(-1, 1).to(dense.dtype)
-    return out.index_add_(0, idx.reshape(-1), rows)
+    step = _row_chunk(k * dense.shape[1])
+    for s in range(0, B, step):
+        rows = dense[s:s + step].repeat_interleave(k, dim=0) * values[s:s + step].reshape(-1, 1).to(dense.dtype)
+        out.index_add_(0, idx[s:s + step].reshape(-1), rows)
+    return out
+
+
+def rows_dot(rows_of: Tensor, idx: Tensor, g: Tensor) -> Tensor:
+    """out[b, j] = ⟨g[b], rows_of[idx[b, j]]⟩ → (B, k), gathered in bounded chunks."""
+    B, k = idx.shape
+    step = _row_chunk(k * rows_of.shape[1])
+    outs = [torch.bmm(rows_of[idx[s:s + step]].to(g.dtype), g[s:s + step].unsqueeze(-1)).squeeze(-1)
+            for s in range(0, B, step)]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def gather_rows_dot(rows_of: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
@@ -111,7 +128,7 @@ class SparseDecode(torch.autograd.Function):
         g_out = g_out.contiguous()  # a stride-0 gradient (from loss.sum()) must become real memory
         dv = dW = None
         if ctx.needs_input_grad[0]:
-            dv = torch.bmm(W_dec[i].to(g_out.dtype), g_out.unsqueeze(-1)).squeeze(-1).to(v.dtype)
+            dv = rows_dot(W_dec, i, g_out).to(v.dtype)
         if ctx.needs_input_grad[2]:
             dW = sparse_t_matmul(v.float(), i, W_dec.shape[0], g_out.float()).to(W_dec.dtype)
         return dv, None, dW

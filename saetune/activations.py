@@ -3,13 +3,13 @@
 Store layout (``<run>/activations/``)::
 
     manifest.json           format, source model, hooks and widths, dtype, context size,
-                            token count, one entry per shard with its sha256
+                            token count, one entry per shard with its xxh3-128 checksum
     shard_00000.safetensors one tensor per hook ([n_tokens, d], bf16 by default)
                             plus ``token_ids`` ([n_tokens], int32)
 
 Shards hold a fixed number of packed sequences, so a killed ``cache`` run resumes at the first
 missing shard and the finished store equals one written without interruption. Reads check
-each shard's sha256 once and shuffle across a window of shards, reproducibly from a seed and
+each shard's checksum once and shuffle across a window of shards, reproducibly from a seed and
 a batch position (what a resumed SAE trainer needs).
 """
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import torch
 from .config import opt
 from .data import DataConfig, load_chunks
 from .errors import SaetuneError
-from .io import atomic_save_safetensors, atomic_write_json, sha256_file
+from .io import atomic_save_safetensors, atomic_write_json, checksum_file
 from .models import HookPoint, load_model, parse_dtype, resolve_hook, run_to_hooks
 
 FORMAT = "saetune.activations"
@@ -110,9 +112,9 @@ class ActivationStore:
         if not f.exists():
             raise SaetuneError(f"activation shard {str(f)!r} is missing")
         if self.verify and i not in self._verified:
-            digest = sha256_file(f)
-            if digest != self.shards[i]["sha256"]:
-                raise SaetuneError(f"activation shard {str(f)!r} is corrupted or truncated: its sha256 does not "
+            digest = checksum_file(f)
+            if digest != self.shards[i]["checksum"]:
+                raise SaetuneError(f"activation shard {str(f)!r} is corrupted or truncated: its checksum does not "
                                    "match the manifest; delete it and resume the cache run to rewrite it")
             self._verified.add(i)
         return f
@@ -216,10 +218,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    atomic_save_safetensors(path, tensors)
+    return checksum_file(path)
+
+
 def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], store_dir: Path, *,
                 model_name: str, dtype: torch.dtype, batch_size: int, seqs_per_shard: int,
-                progress: bool = True, extra: dict | None = None) -> "ActivationStore":
-    """Write (or continue writing) a store of the activations of ``chunks`` ([N, T] ids) at ``hooks``."""
+                progress: bool = True, extra: dict | None = None, writers: int = 2) -> "ActivationStore":
+    """Write (or continue writing) a store of the activations of ``chunks`` ([N, T] ids) at ``hooks``.
+
+    Shard files are written, fsync'ed and checksummed by ``writers`` background threads while
+    the model computes the next shard; the manifest lists shards in order, each only once its
+    file is complete, so an interruption at any point leaves a valid prefix.
+    """
     from tqdm.auto import tqdm
     store_dir.mkdir(parents=True, exist_ok=True)
     mf = store_dir / "manifest.json"
@@ -236,8 +248,8 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
         manifest = {"format": FORMAT, "version": 1, "model": model_name,
                     "hooks": {h: {"d": d} for h, d in widths.items()},
                     "dtype": str(dtype).removeprefix("torch."), "context_size": T,
-                    "seqs_per_shard": seqs_per_shard, "n_seqs_planned": n_seqs, "shards": [],
-                    "complete": False, **(extra or {})}
+                    "seqs_per_shard": seqs_per_shard, "n_seqs_planned": n_seqs, "checksum": "xxh3_128",
+                    "shards": [], "complete": False, **(extra or {})}
     # drop shard entries whose file vanished; files past the manifest are rewritten identically
     manifest["shards"] = [s for s in manifest["shards"] if (store_dir / s["file"]).exists()]
     done = len(manifest["shards"])
@@ -251,28 +263,42 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
     device = next(model.parameters()).device
     bar = tqdm(total=n_seqs * T, initial=done * seqs_per_shard * T, unit="tok", unit_scale=True,
                desc="cache", disable=not progress)
-    for s in range(done, n_shards):
-        lo, hi = s * seqs_per_shard, min((s + 1) * seqs_per_shard, n_seqs)
-        bufs: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
-        for b in range(lo, hi, batch_size):
-            ids = chunks[b:min(b + batch_size, hi)].to(device)
-            acts = run_to_hooks(model, ids, hooks)
-            for h in hooks:
-                a = acts[h.name]
-                if not torch.isfinite(a).all():
-                    raise SaetuneError(f"non-finite activations (NaN/Inf) at hook {h.name!r} in the batch of "
-                                       f"sequences {b}…{b + ids.shape[0] - 1}; the {s} shards written so far are "
-                                       "kept. Check the model's weights and dtype")
-                bufs[h.name].append(a.reshape(-1, a.shape[-1]).to(dtype).cpu())
-            bar.update(ids.numel())
-        tensors = {name: torch.cat(v) for name, v in bufs.items()}
-        tensors[TOKEN_KEY] = chunks[lo:hi].reshape(-1).to(torch.int32)
-        f = store_dir / shard_name(s)
-        atomic_save_safetensors(f, tensors)
-        manifest["shards"].append({"file": f.name, "n_tokens": (hi - lo) * T, "seq_start": lo, "seq_end": hi,
-                                   "sha256": sha256_file(f)})
+    pending: deque = deque()
+
+    def commit_oldest() -> None:
+        entry, fut = pending.popleft()
+        entry["checksum"] = fut.result()
+        manifest["shards"].append(entry)
         manifest["n_tokens"] = sum(x["n_tokens"] for x in manifest["shards"])
         atomic_write_json(mf, manifest)
+
+    with ThreadPoolExecutor(max_workers=writers) as pool:
+        try:
+            for s in range(done, n_shards):
+                lo, hi = s * seqs_per_shard, min((s + 1) * seqs_per_shard, n_seqs)
+                bufs: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
+                for b in range(lo, hi, batch_size):
+                    ids = chunks[b:min(b + batch_size, hi)].to(device, non_blocking=True)
+                    acts = run_to_hooks(model, ids, hooks)
+                    for h in hooks:
+                        a = acts[h.name]
+                        if not torch.isfinite(a).all():
+                            raise SaetuneError(
+                                f"non-finite activations (NaN/Inf) at hook {h.name!r} in the batch of sequences "
+                                f"{b}…{b + ids.shape[0] - 1}; the shards before it are kept. Check the model's "
+                                "weights and dtype")
+                        bufs[h.name].append(a.reshape(-1, a.shape[-1]).to(dtype))
+                    bar.update(ids.numel())
+                tensors = {name: torch.cat(v).cpu() for name, v in bufs.items()}
+                tensors[TOKEN_KEY] = chunks[lo:hi].reshape(-1).to(torch.int32)
+                f = store_dir / shard_name(s)
+                entry = {"file": f.name, "n_tokens": (hi - lo) * T, "seq_start": lo, "seq_end": hi}
+                pending.append((entry, pool.submit(_write_shard, f, tensors)))
+                while len(pending) > writers:
+                    commit_oldest()
+        finally:
+            while pending:  # every shard computed so far reaches the disk and the manifest
+                commit_oldest()
     bar.close()
     manifest["n_tokens"] = sum(x["n_tokens"] for x in manifest["shards"])
     manifest["bytes"] = sum((store_dir / x["file"]).stat().st_size for x in manifest["shards"])

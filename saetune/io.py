@@ -101,3 +101,16 @@ def sha256_dir(path: str | Path) -> str:
         h.update(str(f.relative_to(path)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def checksum_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Fast content checksum for large data files: ``xxh3_128:<hex>`` (about 10× faster than sha256)."""
+    import xxhash
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return f"xxh3_128:{h.hexdigest()}"

@@ -294,15 +294,43 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model dir or hub id, honouring a local dir's declared generic tokenizer class.
+
+    transformers 5 overrides the declared class for some model types (a ``qwen2`` config always gets
+    ``Qwen2Tokenizer``, which rebuilds a byte-level BPE from the vocab): for a dir whose
+    ``tokenizer_config.json`` declares a plain ``tokenizer.json`` tokenizer (e.g. the toy's word-level
+    one) that silently tokenizes differently, so such a dir is loaded as exactly that tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(path)
+    if (p / "tokenizer.json").exists() and (p / "tokenizer_config.json").exists():
+        import json
+        try:
+            declared = json.loads((p / "tokenizer_config.json").read_text()).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError):
+            declared = None
+        if declared in _GENERIC_TOKENIZER_CLASSES:
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_model(name: str = "toy", dtype: str = "float32", device: str | None = None,
                trust_remote_code: bool = False):
     """Load a HF causal LM and its tokenizer by local path, hub id, or ``toy``. Returns (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
     device = device or default_device()
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise next to saetune's own
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype),
                                                      trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -311,6 +339,9 @@ def load_model(name: str = "toy", dtype: str = "float32", device: str | None = N
         if "trust_remote_code" in str(e):
             raise SaetuneError(f"model {name!r} needs custom code; pass trust_remote_code=True if you trust it") from None
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(device).eval()
     return model, tok
 

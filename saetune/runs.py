@@ -90,6 +90,8 @@ class RunDir:
             raise SaetuneError("--resume and --overwrite contradict each other; pass one of them")
         path = Path(path) if path is not None else default_run_dir(stage)
         cfg_dict = _config.to_dict(cfg)
+        if path.exists() and not path.is_dir():
+            raise SaetuneError(f"output path {str(path)!r} is a file, not a directory; choose another --out")
         exists = path.exists() and any(path.iterdir())
         if resume:
             if not (path / MANIFEST).exists():

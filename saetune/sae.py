@@ -262,20 +262,35 @@ class SAE(nn.Module):
             path = path / "sae"  # a train-sae run dir
         if not (path / "cfg.json").exists():
             path = _pick_hook_dir(path, hook)
-        cfg_d = _read_json(path / "cfg.json")
-        if (path / SAELENS_WEIGHTS).exists():
-            sae = cls._from_saelens(cfg_d, _read_safetensors(path / SAELENS_WEIGHTS))
-        elif (path / SPARSIFY_WEIGHTS).exists():
-            sae = cls._from_sparsify(cfg_d, _read_safetensors(path / SPARSIFY_WEIGHTS), hook or path.name)
-        else:
-            raise SaetuneError(f"{str(path)!r} holds cfg.json but neither {SAELENS_WEIGHTS} (SAELens) nor "
-                               f"{SPARSIFY_WEIGHTS} (sparsify)")
+        cfg_file = path / "cfg.json"
+        cfg_d = _read_json(cfg_file)
+        weights = SAELENS_WEIGHTS if (path / SAELENS_WEIGHTS).exists() else SPARSIFY_WEIGHTS
+        try:
+            if (path / SAELENS_WEIGHTS).exists():
+                sae = cls._from_saelens(cfg_d, _read_safetensors(path / SAELENS_WEIGHTS))
+            elif (path / SPARSIFY_WEIGHTS).exists():
+                sae = cls._from_sparsify(cfg_d, _read_safetensors(path / SPARSIFY_WEIGHTS), hook or path.name)
+            else:
+                raise SaetuneError(f"{str(path)!r} holds cfg.json but neither {SAELENS_WEIGHTS} (SAELens) nor "
+                                   f"{SPARSIFY_WEIGHTS} (sparsify)")
+        except (KeyError, TypeError, ValueError) as e:  # a cfg.json that parses but lacks a key or has a bad value
+            raise SaetuneError(f"{str(cfg_file)!r} is not a valid SAE config ({type(e).__name__}: {e})") from None
+        except SaetuneError as e:
+            if str(path) in str(e):
+                raise
+            raise SaetuneError(f"cannot load the SAE in {str(path)!r} (cfg.json + {weights}): {e}") from None
         return sae.to(device).eval()
 
     @classmethod
     def _from_saelens(cls, d: dict, tensors: dict[str, Tensor]) -> "SAE":
         meta = d.get("metadata") or {}
         st = meta.get("saetune") or {}
+        # SAELens options this SAE class does not implement: refuse rather than compute something else
+        for key, ok in (("apply_b_dec_to_input", (True,)), ("normalize_activations", ("none", None)),
+                        ("rescale_acts_by_decoder_norm", (False,)), ("reshape_activations", ("none", None))):
+            if key in d and d[key] not in ok:
+                raise SaetuneError(f"SAELens option {key}={d[key]!r} is not supported (supported: "
+                                   f"{' or '.join(map(repr, ok))})")
         arch = st.get("architecture", d.get("architecture", "standard"))
         if arch not in ARCHITECTURES:
             raise SaetuneError(f"SAELens architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
@@ -294,9 +309,10 @@ class SAE(nn.Module):
         if d.get("activation", "topk") != "topk" or d.get("transcode") or d.get("skip_connection"):
             raise SaetuneError("only plain TopK sparse coders (no transcoder, no skip connection, activation "
                                "'topk') load from the sparsify layout")
-        W = tensors.get("encoder.weight")
-        if W is None:
-            raise SaetuneError(f"sparsify weights lack 'encoder.weight'; keys: {', '.join(tensors)}")
+        missing = [key for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if key not in tensors]
+        if missing:
+            raise SaetuneError(f"sparsify weights lack {', '.join(map(repr, missing))}; keys: {', '.join(tensors)}")
+        W = tensors["encoder.weight"]
         n, d_in = W.shape
         cfg = SAEConfig(d_in=int(d.get("d_in", d_in)), d_sae=int(d.get("num_latents") or n), k=int(d["k"]),
                         architecture="topk", hook_name=hook)
@@ -320,9 +336,12 @@ class SAE(nn.Module):
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SaetuneError(f"{str(path)!r} is not valid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise SaetuneError(f"{str(path)!r} must hold a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -79,6 +79,13 @@ class TrainSAEConfig(DataConfig):
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     eval_seqs: int = opt(32, "held-out sequences for the spliced-in metrics (CE loss recovered, KL); 0 = skip")
     save_format: Literal["saelens", "sparsify"] = opt("saelens", "layout of the saved SAEs")
+    init_from: str = opt("", "start from a pretrained SAE (SAELens or sparsify dir, or a multi-hook dir with "
+                             "init_hook) instead of a fresh init — Resa's 'fine-tuned' mode; its d_sae, k and "
+                             "b_dec are kept")
+    init_hook: str = opt("", "which SAE of a multi-hook init_from dir to load (e.g. layers.12.mlp)")
+    max_steps: int = opt(0, "stop after this many steps (0 = no limit); 0 steps with init_from = Resa's "
+                            "'pretrained as is' mode (with skip_training)")
+    skip_training: bool = opt(False, "only load init_from, evaluate and save it (Resa's 'pretrained as is' mode)")
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self):
@@ -97,6 +104,11 @@ class TrainSAEConfig(DataConfig):
             raise SaetuneError("save_format 'sparsify' holds topk SAEs only; use save_format 'saelens'")
         if self.architecture in ("topk", "batchtopk") and not self.k:
             raise SaetuneError(f"architecture {self.architecture!r} needs k")
+        if self.skip_training and not self.init_from:
+            raise SaetuneError("skip_training needs init_from (the pretrained SAE to evaluate and save)")
+        if self.init_from and (len(self.hooks) > 1 or len(self.d_sae) > 1 or len(self.k) > 1):
+            raise SaetuneError("init_from starts exactly one SAE: give one hook (its d_sae and k come from the "
+                               "pretrained SAE)")
 
 
 # ---- one SAE's training state ---------------------------------------------------------------
@@ -208,6 +220,24 @@ def sae_specs(cfg: TrainSAEConfig, widths: dict[str, int]) -> list[tuple[str, st
     return specs
 
 
+def _initial_sae(cfg: TrainSAEConfig, sc: SAEConfig, hook: str) -> SAE:
+    """The pretrained SAE of ``init_from``, checked against the run's shape (Resa's fine-tuned mode)."""
+    import warnings
+    sae = SAE.load(cfg.init_from, hook=cfg.init_hook or None)
+    if sae.d_in != sc.d_in:
+        raise SaetuneError(f"init_from SAE has d_in {sae.d_in}, but hook {hook!r} has width {sc.d_in}")
+    if sae.cfg.architecture != sc.architecture:
+        raise SaetuneError(f"init_from SAE is {sae.cfg.architecture!r}, this run trains {sc.architecture!r}")
+    src_hook = sae.cfg.hook_name or cfg.init_hook
+    if src_hook and src_hook.removeprefix("model.") != hook.removeprefix("model."):
+        # Resa loads EleutherAI SAEs trained on layers.N.mlp into the block output model.layers.N
+        warnings.warn(f"init_from SAE was trained at hook {src_hook!r} but is used at {hook!r}: the hook points "
+                      "differ (as in Resa's reference code); its reconstructions start off-distribution")
+    sae.cfg.hook_name, sae.cfg.model_name = hook, cfg.model
+    sae.train()
+    return sae
+
+
 def _checkpoint_dir(run: RunDir) -> Path:
     return run.path / "checkpoints"
 
@@ -275,8 +305,9 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
             sc = SAEConfig(d_in=source.widths[hook], d_sae=n, k=k, architecture=cfg.architecture,
                            l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient,
                            jumprelu_bandwidth=cfg.jumprelu_bandwidth, hook_name=hook, model_name=cfg.model)
-            trainers.append((hook, SAETrainer(name, SAE(sc, seed=cfg.seed + j).to(device), cfg, device)))
-        n_steps = source.n_steps
+            sae = _initial_sae(cfg, sc, hook) if cfg.init_from else SAE(sc, seed=cfg.seed + j)
+            trainers.append((hook, SAETrainer(name, sae.to(device), cfg, device)))
+        n_steps = 0 if cfg.skip_training else source.n_steps
         start, tokens = load_checkpoint(run, [t for _, t in trainers]) if resume else (0, 0)
         run.truncate_metrics(start)
         autocast = torch.bfloat16 if (cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device != "cpu")) else None
@@ -287,7 +318,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
             for step, batch in enumerate(source.batches(start), start=start):
                 if step >= n_steps:
                     break
-                if step == 0 and cfg.init_b_dec == "mean":
+                if step == 0 and cfg.init_b_dec == "mean" and not cfg.init_from:
                     with torch.no_grad():
                         for hook, t in trainers:
                             t.sae.b_dec.copy_(batch[hook].mean(0))
@@ -356,7 +387,7 @@ class _DataSource:
                 self.store._hook(h)
             self.widths = {h: self.store.d(h) for h in cfg.hooks}
             self.model_path = self.store.manifest.get("model", cfg.model)
-            self.store_digest = ",".join(s["sha256"][:16] for s in self.store.shards[:4])
+            self.store_digest = ",".join(s["checksum"].split(":")[-1][:16] for s in self.store.shards[:4])
             total = self.store.n_batches(cfg.batch_size)
         else:
             self._load_model()
@@ -365,13 +396,13 @@ class _DataSource:
                 raise SaetuneError(f"batch_size ({cfg.batch_size} tokens) must be a positive multiple of "
                                    f"context_size ({cfg.context_size}) when activations are computed on the fly")
             chunks = load_chunks(cfg, self.tok)
-            if cfg.eval_seqs and chunks.shape[0] > cfg.eval_seqs * 2:
+            if cfg.eval_seqs and chunks.shape[0] > cfg.eval_seqs * 2:  # hold out the last sequences
                 self.eval_chunks, chunks = chunks[-cfg.eval_seqs:], chunks[:-cfg.eval_seqs]
             self.chunks = chunks
             self.seqs = seqs
             total = chunks.shape[0] // seqs
         want = cfg.total_tokens // cfg.batch_size if cfg.total_tokens else total
-        self.n_steps = min(total, want)
+        self.n_steps = min(total, want, cfg.max_steps or total)
         if self.n_steps < 1:
             raise SaetuneError(f"the data gives no full batch of {cfg.batch_size} tokens; add data, lower "
                                "batch_size, or raise total_tokens")

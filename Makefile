@@ -1,0 +1,35 @@
+# saetune: the two commands a newcomer types on a fresh clone.
+#   make demo   — create .venv if missing, then run `saetune demo`
+#   make test   — create .venv if missing, then run the test suite
+# On a machine without an NVIDIA GPU the set-up installs a CPU build of torch first, so pip
+# never pulls a multi-GB CUDA build.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: demo test venv bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the default (CUDA) torch"; \
+	else \
+		$(PY) -m pip install -q "$(TORCH_CPU)" --extra-index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/saetune demo $(ARGS)
+
+test: $(VENV)/.installed
+	TRITON_INTERPRET=1 SPARSIFY_DISABLE_TRITON=1 $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) bench/cpu_sae_step.py
+	$(PY) bench/capture_overhead.py
