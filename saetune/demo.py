@@ -48,13 +48,15 @@ def _stage_state(path: Path) -> str:
 
 def _copy_shipped_toy(dest: Path) -> None:
     from .toy import shipped_base_path
+    from .toy.build import ToyBuildConfig
     src = shipped_base_path()
-    run = RunDir.open(dest, "toy", DemoConfig(), overwrite=True)
+    info = json.loads((src / "toy_build.json").read_text()) if (src / "toy_build.json").exists() else {}
+    cfg = ToyBuildConfig(**{k: v for k, v in info.get("config", {}).items() if k in ToyBuildConfig.__dataclass_fields__})
+    run = RunDir.open(dest, "toy", cfg, overwrite=True)
     with run.phase("copy"):
         shutil.copytree(src, dest / "model")
     run.add_artifact("model", "model")
-    info = json.loads((src / "toy_build.json").read_text()) if (src / "toy_build.json").exists() else {}
-    run.finish(source="shipped", build=info)
+    run.finish(source="shipped", stats={k: info.get(k) for k in ("accuracy", "train_seconds", "steps", "n_params")})
 
 
 def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:

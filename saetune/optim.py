@@ -48,7 +48,7 @@ def default_lr(optimizer: str, d_sae: int) -> float:
 def build_optimizer(name: str, params, lr: float, momentum: float = 0.95):
     params = list(params)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, fused=params[0].is_cuda)
+        return torch.optim.Adam(params, lr=lr, fused=True)  # fused kernels exist for CPU and CUDA
     if name == "signum_sf":
         from schedulefree import ScheduleFreeWrapper
         opt = ScheduleFreeWrapper(SignSGD(params, lr=lr), momentum=momentum)

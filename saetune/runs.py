@@ -101,6 +101,11 @@ class RunDir:
                 raise SaetuneError(f"cannot resume {str(path)!r} as '{stage}': it holds a "
                                    f"'{manifest.get('stage')}' run")
             saved = _config.read_yaml(path / CONFIG)
+            # keys a newer saetune added take their defaults, so old runs stay resumable
+            try:
+                saved = _config.to_dict(_config.from_dict(type(cfg), saved))
+            except SaetuneError:
+                pass  # unknown or ill-typed saved keys: the diff below names them
             changed = _config.diff_configs(saved, cfg_dict, ignore=resume_ignore)
             if changed:
                 details = "; ".join(f"{k}: {saved.get(k)!r} -> {cfg_dict.get(k)!r}" for k in changed)

@@ -27,7 +27,7 @@ from .config import opt
 from .data import DataConfig, load_chunks
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
-from .metrics import fvu as fvu_of, l0 as l0_of, mse as mse_of
+from .metrics import fvu as fvu_of, l0 as l0_of, mse as mse_of, total_variance
 from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free, load_optimizer, save_optimizer
 from .runs import RunDir
 from .sae import ARCHITECTURES, SAE, SAEConfig, _StepL0
@@ -140,11 +140,13 @@ class SAETrainer:
             x_in = x - sae.b_dec
             v, i, va, ia = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k, dead if use_aux else None, self.k_aux)
             x_hat = sparse_decode(v, i, sae.W_dec) + sae.b_dec
-            f = fvu_of(x, x_hat.float())
-            loss = f
-            m["l0"] = (v > 0).float().sum(-1).mean()
-            fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
-            fired[i[v > 0]] = True
+            sq = (x_hat.float() - x).pow(2).sum()
+            f = loss = sq / total_variance(x).clamp_min(1e-12)
+            pos = (v.detach() > 0).to(torch.uint8)
+            m["l0"] = pos.sum() / x.shape[0]
+            m["mse"] = sq.detach() / x.shape[0]
+            fired = torch.zeros(sae.d_sae, dtype=torch.uint8, device=x.device).scatter_reduce_(
+                0, i.reshape(-1), pos.reshape(-1), "amax").bool()
             if use_aux:
                 # AuxK (Gao et al. 2024): the top-k_aux dead latents reconstruct the residual e = x − x̂
                 e = (x - x_hat).detach().float()
@@ -176,9 +178,9 @@ class SAETrainer:
             else:
                 loss = mse + sae.cfg.l0_coefficient * _StepL0.apply(pre, sae.threshold, sae.cfg.jumprelu_bandwidth).sum(-1).mean()
             m["l0"] = l0_of(acts)
+            m["mse"] = mse.detach()
             fired = (acts > 0).any(0)
         m["fvu"] = f
-        m["mse"] = (x_hat.float() - x).pow(2).sum(-1).mean()
         m["loss"] = loss
         return loss, m, fired
 

@@ -98,10 +98,15 @@ def test_tokenizer_save_load_and_chat_template(tmp_path):
 
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
+    # Beside a qwen2 config.json, transformers 5 would swap in a byte-level Qwen2Tokenizer
+    # unless the saved tokenizer opts out; save, load and re-save must all keep the word level.
+    build_model(tok, 0, num_hidden_layers=1).config.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tmp_path).save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     e = examples(1, seed=5)[0]
     assert loaded(e["text"])["input_ids"] == tok(e["text"])["input_ids"]
     assert loaded.decode(loaded(e["text"])["input_ids"]) == e["text"]
+    assert loaded.convert_ids_to_tokens(loaded("-72 162")["input_ids"]) == ["-72", "162"]
     user = [{"role": "user", "content": e["problem"]}]
     assert loaded.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == e["prompt"]
     both = user + [{"role": "assistant", "content": e["response"]}]
@@ -199,6 +204,8 @@ def test_shipped_base_is_small_and_documented():
 
 def test_shipped_base_solves_fresh_problems(toy_base):
     model, tok = toy_base
+    text = toy_texts(1, seed=7)[0]
+    assert tok.decode(tok(text)["input_ids"]) == text and len(tok(text)["input_ids"]) == len(text.split())
     accuracy = evaluate_toy(model, tok, n=128, seed=12345, batch_size=128)
     assert accuracy >= 0.4, f"shipped toy model's greedy accuracy {accuracy:.2f} < 0.4"
 

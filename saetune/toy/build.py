@@ -40,7 +40,7 @@ from .tokenizer import build_tokenizer
 
 BASE_DIR = Path(__file__).resolve().parent / "base"
 BUILD_INFO = "toy_build.json"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint"  # dir: model + optimizer state in safetensors/JSON, no pickle
 EVAL_SEED_OFFSET = 1_000_003  # eval problems come from another stream than training batches
 
 
@@ -190,8 +190,25 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _save_checkpoint(path: Path, step: int, tokens: int, model, opt) -> None:
-    state = {"step": step, "tokens": tokens, "model": model.state_dict(), "optimizer": opt.state_dict()}
-    atomic_write(path, lambda p: torch.save(state, p))
+    """Model weights and AdamW state as safetensors + JSON, replaced atomically as one dir."""
+    from ..io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
+    from ..optim import save_optimizer
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    atomic_save_safetensors(tmp / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
+    save_optimizer(opt, tmp / "optimizer")
+    atomic_write_json(tmp / "state.json", {"step": step, "tokens": tokens})
+    atomic_replace_dir(tmp, path)
+
+
+def _load_checkpoint(path: Path, model, opt) -> tuple[int, int]:
+    from safetensors.torch import load_file
+    from ..optim import load_optimizer
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    load_optimizer(opt, path / "optimizer")
+    state = json.loads((path / "state.json").read_text())
+    return int(state["step"]), int(state["tokens"])
 
 
 def _save_model_dir(model, tokenizer, final_dir: Path, progress: bool) -> None:
@@ -224,7 +241,7 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path | None, resume: bool = False,
     """Train the toy model into run dir ``out``; returns (and records) its stats.
 
     Writes ``metrics.jsonl`` (``step``, ``tokens``, ``loss``, ``lr``; ``accuracy`` at eval
-    steps), ``checkpoint.pt`` at each eval (for ``resume``) and the HF model dir ``model/``.
+    steps), ``checkpoint/`` at each eval (for ``resume``; safetensors + JSON) and the HF model dir ``model/``.
     Returns ``{"accuracy", "train_seconds", "steps", "n_params"}``.
     """
     from tqdm.auto import tqdm
@@ -240,11 +257,8 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path | None, resume: bool = False,
                                     weight_decay=cfg.weight_decay)
             start, tokens, accuracy = 0, 0, None
             ckpt = run.path / CHECKPOINT
-            if resume and ckpt.exists():
-                state = torch.load(ckpt, map_location="cpu", weights_only=True)
-                model.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-                start, tokens = state["step"], state["tokens"]
+            if resume and (ckpt / "state.json").exists():
+                start, tokens = _load_checkpoint(ckpt, model, opt)
             run.truncate_metrics(start)
             eval_seed = cfg.seed + EVAL_SEED_OFFSET
             bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="toy build", unit="step")

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import SaetuneError
+
 OPS = ("+", "-", "*")
 OPERANDS = tuple(range(1, 10))
 N_OPS = 2
@@ -44,7 +46,7 @@ def apply_op(x: int, op: str, y: int) -> int:
         return x - y
     if op == "*":
         return x * y
-    raise ValueError(f"unknown op {op!r}; valid ops: {', '.join(OPS)}")
+    raise SaetuneError(f"unknown op {op!r}; valid ops: {', '.join(OPS)}")
 
 
 @dataclass(frozen=True)
@@ -85,12 +87,12 @@ def make_problem(operands: tuple[int, ...], ops: tuple[str, ...]) -> Problem:
     """The problem for given operands and ops (checked against the task's rules)."""
     operands, ops = tuple(operands), tuple(ops)
     if len(operands) != len(ops) + 1:
-        raise ValueError(f"{len(ops)} ops need {len(ops) + 1} operands, got {len(operands)}")
+        raise SaetuneError(f"{len(ops)} ops need {len(ops) + 1} operands, got {len(operands)}")
     bad = [o for o in ops if o not in OPS]
     if bad:
-        raise ValueError(f"unknown op {bad[0]!r}; valid ops: {', '.join(OPS)}")
+        raise SaetuneError(f"unknown op {bad[0]!r}; valid ops: {', '.join(OPS)}")
     if ops.count("*") > 1:
-        raise ValueError(f"at most one '*' per problem keeps values small; got ops {ops}")
+        raise SaetuneError(f"at most one '*' per problem keeps values small; got ops {ops}")
     acc = operands[0]
     for op, y in zip(ops, operands[1:]):
         acc = apply_op(acc, op, y)
@@ -134,7 +136,7 @@ def prompt(problem: Problem) -> str:
 def solution(problem: Problem, rng: random.Random, check_prob: float = 0.3) -> str:
     """A reasoning trace that solves ``problem``; each step is re-checked with ``check_prob``."""
     if not 0.0 <= check_prob <= 1.0:
-        raise ValueError(f"check_prob must lie in [0, 1], got {check_prob}")
+        raise SaetuneError(f"check_prob must lie in [0, 1], got {check_prob}")
     parts = [THINK_OPEN]
     for x, op, y, res in problem.steps():
         step = f"{x} {op} {y} = {res} ."

@@ -64,4 +64,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="right",
     )
     hf.chat_template = CHAT_TEMPLATE
+    # transformers 5 makes AutoTokenizer rebuild any tokenizer that sits beside a qwen2
+    # config.json as a byte-level BPE Qwen2Tokenizer, which would silently split "14" into "1 4"
+    # and decode without spaces. An auto_map entry turns that override off, so AutoTokenizer
+    # loads tokenizer.json as saved (do not pass trust_remote_code=True: there is no remote code).
+    hf.init_kwargs["auto_map"] = {"AutoTokenizer": [None, "PreTrainedTokenizerFast"]}
     return hf
