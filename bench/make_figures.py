@@ -37,7 +37,7 @@ def main():
     summary = json.loads((run / "summary.json").read_text())
     parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="760" height="260" font-family="sans-serif">',
              '<rect width="100%" height="100%" fill="white"/>']
-    parts += panel(rows, "fvu", "FVU while training (toy, block 2)", 50, "#1f77b4", ymax=1.0)
+    parts += panel(rows, "fvu", "FVU while training (toy, block 2)", 50, "#1f77b4")
     parts += panel(rows, "dead_frac", "dead-latent fraction", 430, "#d62728", ymax=1.0)
     s = summary["sae"]
     parts.append(f'<text x="380" y="252" text-anchor="middle" font-size="12">held-out FVU {s["fvu"]:.3f} · L0 '

@@ -218,7 +218,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ready=None) -> str:
+    if ready is not None:
+        ready.synchronize()  # the non-blocking device→host copies of this shard have landed
     atomic_save_safetensors(path, tensors)
     return checksum_file(path)
 
@@ -261,6 +263,7 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
     atomic_write_json(mf, manifest)
 
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     bar = tqdm(total=n_seqs * T, initial=done * seqs_per_shard * T, unit="tok", unit_scale=True,
                desc="cache", disable=not progress)
     pending: deque = deque()
@@ -276,7 +279,9 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
         try:
             for s in range(done, n_shards):
                 lo, hi = s * seqs_per_shard, min((s + 1) * seqs_per_shard, n_seqs)
-                bufs: dict[str, list[torch.Tensor]] = {h.name: [] for h in hooks}
+                n_tok = (hi - lo) * T
+                # host buffers; on CUDA pinned, so the copies overlap the next forward passes
+                host = {h.name: torch.empty(n_tok, widths[h.name], dtype=dtype, pin_memory=cuda) for h in hooks}
                 for b in range(lo, hi, batch_size):
                     ids = chunks[b:min(b + batch_size, hi)].to(device, non_blocking=True)
                     acts = run_to_hooks(model, ids, hooks)
@@ -287,13 +292,17 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
                                 f"non-finite activations (NaN/Inf) at hook {h.name!r} in the batch of sequences "
                                 f"{b}…{b + ids.shape[0] - 1}; the shards before it are kept. Check the model's "
                                 "weights and dtype")
-                        bufs[h.name].append(a.reshape(-1, a.shape[-1]).to(dtype))
+                        r0 = (b - lo) * T
+                        host[h.name][r0:r0 + ids.numel()].copy_(a.reshape(-1, a.shape[-1]).to(dtype), non_blocking=cuda)
                     bar.update(ids.numel())
-                tensors = {name: torch.cat(v).cpu() for name, v in bufs.items()}
-                tensors[TOKEN_KEY] = chunks[lo:hi].reshape(-1).to(torch.int32)
+                ready = None
+                if cuda:
+                    ready = torch.cuda.Event()
+                    ready.record()
+                host[TOKEN_KEY] = chunks[lo:hi].reshape(-1).to(torch.int32)
                 f = store_dir / shard_name(s)
-                entry = {"file": f.name, "n_tokens": (hi - lo) * T, "seq_start": lo, "seq_end": hi}
-                pending.append((entry, pool.submit(_write_shard, f, tensors)))
+                entry = {"file": f.name, "n_tokens": n_tok, "seq_start": lo, "seq_end": hi}
+                pending.append((entry, pool.submit(_write_shard, f, host, ready)))
                 while len(pending) > writers:
                     commit_oldest()
         finally:

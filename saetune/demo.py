@@ -103,7 +103,7 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     sae_cfg = TrainSAEConfig(model=str(model_dir), activations=str(cache_dir), hooks=[cfg.hook], d_sae=[cfg.d_sae],
                              k=[cfg.k], batch_size=cfg.batch_size, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
                              context_size=cfg.context_size, data_seed=cfg.seed, eval_seqs=32,
-                             checkpoint_every=50, progress=cfg.progress)
+                             checkpoint_every=50, log_every=2, progress=cfg.progress)
     sae_dir = stage("sae", lambda p, partial: train_sae(sae_cfg, p, resume=partial))
 
     from .models import load_model

@@ -1,4 +1,9 @@
+"""Shared fixtures: one toy model per test session, one tiny random model dir, one-thread torch."""
+
+from pathlib import Path
+
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -8,3 +13,25 @@ def toy_base():
 
     model, tokenizer = load_toy()
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 toy model with its tokenizer, saved as a HF model dir."""
+    from saetune.toy.model import build_model
+    from saetune.toy.tokenizer import build_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    tok = build_tokenizer()
+    build_model(tok, seed=0).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny matmuls on a 2-core box run faster without thread spin-waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,25 +15,7 @@ from saetune.cli import main
 from saetune.runs import read_manifest
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Qwen2 toy model with its tokenizer, saved as a HF model dir."""
-    from saetune.toy.model import build_model
-    from saetune.toy.tokenizer import build_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny_model")
-    tok = build_tokenizer()
-    build_model(tok, seed=0).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(model_dir) -> list[str]:

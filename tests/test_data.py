@@ -16,7 +16,15 @@ from saetune.data import (R1_ZERO_SYSTEM, DataConfig, chat_text, eos_id, iter_ch
                           read_records, record_texts, resa_text)
 from saetune.errors import SaetuneError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = Path(__file__).resolve().parent / "data"  # a copy of the real AIME 2024 benchmark file
+
+# Resa's Stage I/II data text and the start of the R1-Zero system prompt, as SPEC_RESA.md states them
+SPEC_TEMPLATE = ("{SYSTEM}User:\\n {problem}\\n\\nAssistant:\\n <think> {answer} </think>\\n"
+                 "<answer> Answer: {answer}</answer>")
+SPEC_SYSTEM_START = ("A conversation between User and Assistant. The user asks a question, and the Assistant "
+                     "solves it. The assistant first thinks about the reasoning process in the mind and then "
+                     "provides the user with the answer. The reasoning process and answer are enclosed within "
+                     "<think> </think> and <answer> </answer> tags, respectively")
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +37,8 @@ def tok():
 # ---- Resa template ----------------------------------------------------------------------------
 
 def spec_template() -> str:
-    """The data-text template line of SPEC_RESA.md, with its escapes turned into characters."""
-    text = (SHARED / "SPEC_RESA.md").read_text()
-    m = re.search(r"packed into .*? joined by EOS:\s*\n\s*`([^`]+)`", text)
-    assert m, "SPEC_RESA.md no longer holds the data-text template"
-    return m.group(1).replace("\\n", "\n")
+    """The data-text template of SPEC_RESA.md, with its escapes turned into characters."""
+    return SPEC_TEMPLATE.replace("\\n", "\n")
 
 
 def test_resa_text_matches_spec_template():
@@ -48,10 +53,7 @@ def test_resa_text_matches_spec_template():
 
 
 def test_r1_zero_system_prompt():
-    spec = (SHARED / "SPEC_RESA.md").read_text()
-    quoted = re.search(r'R1-Zero prompt \("(.*?) \.\.\."\)', spec, re.S).group(1)
-    quoted = " ".join(quoted.split())  # the spec wraps lines
-    assert R1_ZERO_SYSTEM.startswith(quoted)
+    assert R1_ZERO_SYSTEM.startswith(SPEC_SYSTEM_START)
     assert R1_ZERO_SYSTEM.endswith("<think> reasoning process here </think> <answer> answer here </answer>.\n")
 
 
@@ -223,7 +225,7 @@ def test_toy_records():
 
 
 def test_real_benchmark_file():
-    rows = read_records(str(SHARED / "data" / "benchmarks" / "aime24.jsonl"))
+    rows = read_records(str(DATA / "aime24.jsonl"))
     assert len(rows) == 30
     assert all(set(r) >= {"problem", "answer"} for r in rows)
     assert all(isinstance(r["problem"], str) and r["problem"] for r in rows)

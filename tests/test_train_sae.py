@@ -38,22 +38,9 @@ N_EXAMPLES = 300  # ≈ 11.5k tokens ≈ 44 steps of 256
 # ---- fixtures: a random toy model and an activation store, built once ---------------------------
 
 @pytest.fixture(scope="session")
-def toy_model_dir(tmp_path_factory) -> Path:
-    from saetune.toy.model import build_model
-    from saetune.toy.tokenizer import build_tokenizer
-
-    d = tmp_path_factory.mktemp("toy_model")
-    tok = build_tokenizer()
-    model = build_model(tok, seed=0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="session")
-def store_dir(toy_model_dir, tmp_path_factory) -> Path:
+def store_dir(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "cache"
-    cache(CacheConfig(model=str(toy_model_dir), hooks=[HOOK1, HOOK2], context_size=CTX, max_examples=N_EXAMPLES,
+    cache(CacheConfig(model=str(tiny_model_dir), hooks=[HOOK1, HOOK2], context_size=CTX, max_examples=N_EXAMPLES,
                       seqs_per_shard=16, dtype="float32", device="cpu", progress=False), out=out)
     return out
 
@@ -90,9 +77,9 @@ def check_results(r: dict, k: int, max_fvu: float = 1.0) -> None:
 
 # ---- training reduces FVU ------------------------------------------------------------------------
 
-def test_train_from_store(toy_model_dir, store_dir, tmp_path):
+def test_train_from_store(tiny_model_dir, store_dir, tmp_path):
     out = tmp_path / "run"
-    results = train_sae(cfg_for(toy_model_dir, store_dir, eval_seqs=8), out=out)
+    results = train_sae(cfg_for(tiny_model_dir, store_dir, eval_seqs=8), out=out)
     rows = read_metrics(out)
     n_steps = ActivationStore(store_dir).n_tokens // BATCH
     assert [r["step"] for r in rows] == list(range(1, n_steps + 1))
@@ -114,9 +101,9 @@ def test_train_from_store(toy_model_dir, store_dir, tmp_path):
     assert sae.cfg.hook_name == HOOK1 and sae.cfg.k == K and sae.d_sae == D_SAE and sae.d_in == 128
 
 
-def test_train_on_the_fly(toy_model_dir, tmp_path):
+def test_train_on_the_fly(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    results = train_sae(cfg_for(toy_model_dir, None, eval_seqs=8), out=out)  # one pass, ≈ 50 steps
+    results = train_sae(cfg_for(tiny_model_dir, None, eval_seqs=8), out=out)  # one pass, ≈ 50 steps
     rows = read_metrics(out)
     assert len(rows) >= 40
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
@@ -127,18 +114,18 @@ def test_train_on_the_fly(toy_model_dir, tmp_path):
     assert read_manifest(out)["status"] == "complete"
 
 
-def test_on_the_fly_batch_must_be_whole_sequences(toy_model_dir, tmp_path):
+def test_on_the_fly_batch_must_be_whole_sequences(tiny_model_dir, tmp_path):
     with pytest.raises(SaetuneError, match=r"batch_size \(250 tokens\).*context_size \(32\)"):
-        train_sae(cfg_for(toy_model_dir, None, batch_size=250), out=tmp_path / "run")
+        train_sae(cfg_for(tiny_model_dir, None, batch_size=250), out=tmp_path / "run")
 
 
 # ---- Stage I details: b_dec init, decoder norms, schedule-free averaging ----------------------------------
 
-def test_b_dec_is_first_batch_mean(toy_model_dir, store_dir, tmp_path):
+def test_b_dec_is_first_batch_mean(tiny_model_dir, store_dir, tmp_path):
     first = next(ActivationStore(store_dir).iter_batches([HOOK1], BATCH, shuffle=False))[HOOK1]
     mean = first.mean(0)
     assert mean.abs().max() > 1e-2  # a zero b_dec would not pass by accident
-    cfg = cfg_for(toy_model_dir, store_dir, optimizer="adam", lr=1e-12, total_tokens=BATCH)
+    cfg = cfg_for(tiny_model_dir, store_dir, optimizer="adam", lr=1e-12, total_tokens=BATCH)
     train_sae(cfg, out=tmp_path / "mean")
     sae = SAE.load(tmp_path / "mean")
     torch.testing.assert_close(sae.b_dec.detach(), mean, atol=1e-6, rtol=0)
@@ -147,8 +134,8 @@ def test_b_dec_is_first_batch_mean(toy_model_dir, store_dir, tmp_path):
     assert SAE.load(tmp_path / "zero").b_dec.abs().max() < 1e-6
 
 
-def test_decoder_rows_stay_unit_norm(toy_model_dir, store_dir, tmp_path):
-    cfg = cfg_for(toy_model_dir, store_dir, optimizer="adam", lr=3e-3, total_tokens=15 * BATCH)
+def test_decoder_rows_stay_unit_norm(tiny_model_dir, store_dir, tmp_path):
+    cfg = cfg_for(tiny_model_dir, store_dir, optimizer="adam", lr=3e-3, total_tokens=15 * BATCH)
     train_sae(cfg, out=tmp_path / "run")
     sae = SAE.load(tmp_path / "run")
     init = SAE(SAEConfig(d_in=128, d_sae=D_SAE, k=K), seed=cfg.seed)
@@ -156,7 +143,7 @@ def test_decoder_rows_stay_unit_norm(toy_model_dir, store_dir, tmp_path):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE), atol=1e-5, rtol=0)
 
 
-def test_signum_sf_saves_averaged_weights(toy_model_dir, store_dir, tmp_path, monkeypatch):
+def test_signum_sf_saves_averaged_weights(tiny_model_dir, store_dir, tmp_path, monkeypatch):
     captured = {}
     real = train_mod.evaluate_saes
 
@@ -168,7 +155,7 @@ def test_signum_sf_saves_averaged_weights(toy_model_dir, store_dir, tmp_path, mo
 
     monkeypatch.setattr(train_mod, "evaluate_saes", spy)
     out = tmp_path / "run"
-    train_sae(cfg_for(toy_model_dir, store_dir, total_tokens=12 * BATCH), out=out)
+    train_sae(cfg_for(tiny_model_dir, store_dir, total_tokens=12 * BATCH), out=out)
     t = captured["trainer"]
     assert type(t.opt).__name__ == "ScheduleFreeWrapper" and t.opt.train_mode is False  # opt.eval() ran
     saved = SAE.load(out).state_tensors()
@@ -184,9 +171,9 @@ def test_signum_sf_saves_averaged_weights(toy_model_dir, store_dir, tmp_path, mo
 
 # ---- several SAEs from one run ------------------------------------------------------------------
 
-def test_several_saes_in_one_run(toy_model_dir, store_dir, tmp_path):
+def test_several_saes_in_one_run(tiny_model_dir, store_dir, tmp_path):
     out = tmp_path / "run"
-    results = train_sae(cfg_for(toy_model_dir, store_dir, hooks=[HOOK1, HOOK2], k=[4, 8], eval_seqs=4,
+    results = train_sae(cfg_for(tiny_model_dir, store_dir, hooks=[HOOK1, HOOK2], k=[4, 8], eval_seqs=4,
                                 total_tokens=10 * BATCH), out=out)
     names = {f"{h}.w{D_SAE}.k{k}": (h, k) for h in (HOOK1, HOOK2) for k in (4, 8)}
     assert set(results) == set(names)
@@ -214,10 +201,10 @@ def test_several_saes_in_one_run(toy_model_dir, store_dir, tmp_path):
 
 # ---- AuxK ----------------------------------------------------------------------------------------------
 
-def test_auxk_changes_training_and_is_logged(toy_model_dir, store_dir, tmp_path):
+def test_auxk_changes_training_and_is_logged(tiny_model_dir, store_dir, tmp_path):
     common = dict(total_tokens=10 * BATCH, dead_tokens=BATCH)  # not firing in one batch = dead
-    train_sae(cfg_for(toy_model_dir, store_dir, **common), out=tmp_path / "off")
-    train_sae(cfg_for(toy_model_dir, store_dir, auxk_coef=1 / 32, **common), out=tmp_path / "on")
+    train_sae(cfg_for(tiny_model_dir, store_dir, **common), out=tmp_path / "off")
+    train_sae(cfg_for(tiny_model_dir, store_dir, auxk_coef=1 / 32, **common), out=tmp_path / "on")
     off, on = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on")
     assert all("auxk" not in r for r in off)
     assert any(r["dead_frac"] > 0 for r in on)
@@ -228,15 +215,15 @@ def test_auxk_changes_training_and_is_logged(toy_model_dir, store_dir, tmp_path)
     s_off, s_on = SAE.load(tmp_path / "off"), SAE.load(tmp_path / "on")
     assert (s_on.W_enc - s_off.W_enc).abs().max() > 1e-3
     with pytest.raises(SaetuneError, match=r"AuxK.*topk"):
-        cfg_for(toy_model_dir, store_dir, architecture="standard", auxk_coef=0.1)
+        cfg_for(tiny_model_dir, store_dir, architecture="standard", auxk_coef=0.1)
 
 
 # ---- every architecture trains ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "standard", "jumprelu"])
-def test_every_architecture_trains(arch, toy_model_dir, store_dir, tmp_path):
+def test_every_architecture_trains(arch, tiny_model_dir, store_dir, tmp_path):
     out = tmp_path / arch
-    results = train_sae(cfg_for(toy_model_dir, store_dir, architecture=arch, total_tokens=6 * BATCH), out=out)
+    results = train_sae(cfg_for(tiny_model_dir, store_dir, architecture=arch, total_tokens=6 * BATCH), out=out)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["fvu"]) for r in rows)
@@ -273,12 +260,12 @@ def _poison_store(src: Path, dst: Path, shard: int, row: int) -> None:
     (store / "manifest.json").write_text(json.dumps(mf))
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(toy_model_dir, store_dir, tmp_path):
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_model_dir, store_dir, tmp_path):
     bad = tmp_path / "bad_store"
     # shards hold 16 × 32 = 512 tokens = 2 batches: shard 3, row 0 is the first token of step 7
     _poison_store(store_dir, bad, shard=3, row=0)
     out = tmp_path / "run"
-    cfg = cfg_for(toy_model_dir, bad, checkpoint_every=2, keep_checkpoints=2)
+    cfg = cfg_for(tiny_model_dir, bad, checkpoint_every=2, keep_checkpoints=2)
     with pytest.raises(SaetuneError, match=r"non-finite loss.*at step 7.*\(step 6\)"):
         train_sae(cfg, out=out)
     m = read_manifest(out)
@@ -303,9 +290,9 @@ def test_nan_stops_and_keeps_last_good_checkpoint(toy_model_dir, store_dir, tmp_
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 6
 
 
-def test_existing_dir_refused_without_resume(toy_model_dir, store_dir, tmp_path):
+def test_existing_dir_refused_without_resume(tiny_model_dir, store_dir, tmp_path):
     out = tmp_path / "run"
-    cfg = cfg_for(toy_model_dir, store_dir, total_tokens=2 * BATCH)
+    cfg = cfg_for(tiny_model_dir, store_dir, total_tokens=2 * BATCH)
     train_sae(cfg, out=out)
     with pytest.raises(SaetuneError, match=r"already holds a 'train-sae' run.*--resume.*--overwrite"):
         train_sae(cfg, out=out)
@@ -383,9 +370,9 @@ def test_sigkill_then_resume_equals_uninterrupted(store_dir, tmp_path):
         json.loads((killed / "results.json").read_text())[HOOK1]["train_tokens"] == SIGKILL_STEPS * BATCH
 
 
-def test_interrupted_adam_run_resumes_exactly(toy_model_dir, store_dir, tmp_path, monkeypatch):
+def test_interrupted_adam_run_resumes_exactly(tiny_model_dir, store_dir, tmp_path, monkeypatch):
     """In-process twin of the SIGKILL test for Adam (whose state holds a step tensor): Ctrl-C at step 5."""
-    cfg = cfg_for(toy_model_dir, store_dir, optimizer="adam", auxk_coef=1 / 32, dead_tokens=BATCH,
+    cfg = cfg_for(tiny_model_dir, store_dir, optimizer="adam", auxk_coef=1 / 32, dead_tokens=BATCH,
                   checkpoint_every=2, total_tokens=10 * BATCH)
     train_sae(cfg, out=tmp_path / "ref")
 
