@@ -328,6 +328,10 @@ def cache(cfg: CacheConfig, out: str | Path | None = None, resume: bool = False,
             chunks = load_chunks(cfg, tok)
             if cfg.max_tokens:
                 chunks = chunks[:max(1, cfg.max_tokens // cfg.context_size)]
+        est = estimate_bytes(chunks.numel(), [int(model.config.hidden_size)] * len(hooks), parse_dtype(cfg.dtype))
+        if cfg.progress:
+            print(f"cache: {chunks.numel():,} tokens × {len(hooks)} hook(s) → about {est / 2**20:,.1f} MiB "
+                  f"in {str(run.path / 'activations')!r}", flush=True)
         run.add_input("model", cfg.model if cfg.model != "toy" else str(Path(tok.name_or_path)))
         t0 = time.perf_counter()
         with run.phase("capture"):
