@@ -13,11 +13,13 @@ ARGS ?=
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing the default (CUDA) torch"; \
 	else \
-		$(PY) -m pip install -q "$(TORCH_CPU)" --extra-index-url https://download.pytorch.org/whl/cpu; \
+		extra=""; \
+		if $(PY) -c "import socket; socket.create_connection(('download.pytorch.org', 443), 3)" 2>/dev/null; then \
+			extra="--extra-index-url https://download.pytorch.org/whl/cpu"; fi; \
+		$(PY) -m pip install -q "$(TORCH_CPU)" $$extra; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@

@@ -1,1 +1,1 @@
-"""saetune.analysis (filled by later work)."""
+"""saetune.analysis: notebook-friendly analysis (pandas DataFrames, plotly figures). Not built yet."""

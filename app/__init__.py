@@ -1,1 +1,1 @@
-"""saetune.app (filled by later work)."""
+"""saetune.app: the Streamlit explorer. Not built yet."""
