@@ -23,6 +23,8 @@ def _verb(sub, name: str, cls: type, help: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its config.yaml is used)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
     _config.add_arguments(p, cls)
+    if "progress" not in _config.config_fields(cls):
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(cls=cls)
     return p
 
@@ -52,7 +54,7 @@ def _print_json(obj: Any) -> None:
 def cmd_toy_build(args) -> None:
     from .toy.build import build_toy
     cfg, out, resume = _resolve(args)
-    stats = build_toy(cfg, out or "runs/toy-base", resume=resume, overwrite=args.overwrite)
+    stats = build_toy(cfg, out or "runs/toy-base", resume=resume, overwrite=args.overwrite, progress=args.progress)
     _print_json(stats)
 
 

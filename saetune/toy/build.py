@@ -35,8 +35,6 @@ from ..errors import SaetuneError
 from ..io import atomic_replace_dir, atomic_write, atomic_write_json
 from ..runs import RunDir, read_manifest
 from . import task
-from .model import build_model
-from .tokenizer import build_tokenizer
 
 BASE_DIR = Path(__file__).resolve().parent / "base"
 BUILD_INFO = "toy_build.json"
@@ -250,6 +248,8 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path | None, resume: bool = False,
     try:
         with _torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
+            from .model import build_model  # transformers loads only when a build runs
+            from .tokenizer import build_tokenizer
             tokenizer = build_tokenizer()
             model = build_model(tokenizer, cfg.seed, attn_implementation=cfg.attn_implementation)
             model.train()
@@ -317,7 +317,9 @@ def shipped_base_path() -> Path:
 
 def load_toy(path: str | Path | None = None, attn_implementation: str | None = None):
     """``(model, tokenizer)`` of a toy model dir (default: the shipped base); model in eval mode, fp32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_tokenizer
 
     path = shipped_base_path() if path is None else Path(path)
     if not (path / "config.json").exists():
@@ -325,7 +327,7 @@ def load_toy(path: str | Path | None = None, attn_implementation: str | None = N
                            "model/ dir or leave the path out for the shipped base")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(str(path))
     return model.eval(), tokenizer
 
 
