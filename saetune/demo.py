@@ -25,7 +25,7 @@ from .runs import RunDir, default_run_dir
 class DemoConfig:
     """``saetune demo``: toy model → activations → SAE, printed as a table."""
 
-    build_toy: bool = opt(False, "pre-train the toy base from scratch (about 1.5 min) instead of using the "
+    build_toy: bool = opt(False, "pre-train the toy base from scratch (about 2.5 min) instead of using the "
                                  "shipped one")
     hook: str = opt("model.layers.2", "hook point of the SAE (a middle block of the 4-layer toy)")
     examples: int = opt(6000, "toy traces to cache activations for")

@@ -82,14 +82,15 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     _fsync_dir(final_dir.parent)
 
 
+def _hash_file(h, path: str | Path, chunk: int) -> None:
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
+    _hash_file(h, path, chunk)
     return h.hexdigest()
 
 
@@ -107,10 +108,5 @@ def checksum_file(path: str | Path, chunk: int = 1 << 24) -> str:
     """Fast content checksum for large data files: ``xxh3_128:<hex>`` (about 10× faster than sha256)."""
     import xxhash
     h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
+    _hash_file(h, path, chunk)
     return f"xxh3_128:{h.hexdigest()}"
