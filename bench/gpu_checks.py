@@ -66,6 +66,18 @@ def check_ops():
     errs = [float((a - t.grad).abs().max() / (t.grad.abs().max() + 1e-12)) for a, t in zip(grads, (x, W, b, Wd))]
     RES["ops_check"] = {"out_rel_err": float((out - ref).abs().max() / ref.abs().max()), "grad_rel_err": errs,
                         "ok": max(errs) < 1e-4}
+    # the one-node TopK SAE the trainer uses, against the same dense reference (b_dec = 0 here)
+    from saetune.kernels.topk_sae import topk_sae
+    for t in (x, W, b, Wd):
+        t.grad = None
+    bd = torch.zeros(d, device="cuda", requires_grad=True)
+    xh, v2, i2 = topk_sae(x, W, b, Wd, bd, k)
+    xh.backward(g)
+    fused = [t.grad.clone() for t in (x, W, b, Wd)]
+    errs2 = [float((a - r).abs().max() / (r.abs().max() + 1e-12)) for a, r in zip(fused, grads)]
+    RES["fused_check"] = {"same_selection": bool(torch.equal(i2.sort(-1).values, i.sort(-1).values)),
+                          "out_rel_err": float((xh - out).abs().max() / out.abs().max()),
+                          "grad_rel_err_vs_two_node": errs2, "ok": max(errs2) < 1e-4}
     dump()
 
 

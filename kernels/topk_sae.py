@@ -151,6 +151,65 @@ class SparseDecode(torch.autograd.Function):
         return dv, None, dW
 
 
+class TopKSAE(torch.autograd.Function):
+    """The whole TopK SAE, (x, W_enc, b_enc, W_dec, b_dec) → (x̂, v, i), in one autograd node.
+
+    Same maths as :class:`TopKEncode` followed by :class:`SparseDecode`, but the backward builds
+    the latent-major order of ``i`` once and uses it for both weight gradients::
+
+        ∂v = SDDMM(g_x̂, W_dec)[i] (+ upstream ∂v),  g = ∂v · 1[v > 0]
+        ∂W_dec = S_vᵀ · g_x̂,   ∂W_enc = (S_gᵀ · x_in)ᵀ,   ∂b_enc = Σ g per latent
+        ∂x_in = Σ_j g[b,j] W_enc[:, i[b,j]],   ∂x = ∂x_in,   ∂b_dec = Σ_b g_x̂ − Σ_b ∂x_in
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int):
+        x_in = x - b_dec
+        pre = torch.addmm(b_enc.to(x_in.dtype), x_in, W_enc.to(x_in.dtype))  # (B, n)
+        v, i = pre.topk(k, dim=-1, sorted=False)
+        del pre
+        v = v.relu()
+        x_hat = gather_rows_dot(W_dec, i, v) + b_dec
+        ctx.save_for_backward(x_in, W_enc, W_dec, i, v)
+        ctx.mark_non_differentiable(i)
+        return x_hat, v, i
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor, g_v: Tensor, g_i):
+        x_in, W_enc, W_dec, i, v = ctx.saved_tensors
+        n, (B, k) = W_enc.shape[1], i.shape
+        g_out = (g_out if g_out is not None else torch.zeros_like(x_in)).contiguous()  # stride-0 safe
+        dv = rows_dot(W_dec, i, g_out.to(W_dec.dtype)).to(v.dtype)
+        if g_v is not None:
+            dv = dv + g_v
+        g = (dv * (v > 0)).contiguous()
+        if x_in.device.type == "cpu":
+            flat = i.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            crow = torch.zeros(n + 1, dtype=torch.int64)
+            crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+            cols = order // k
+
+            def st_mm(values: Tensor, dense: Tensor) -> Tensor:
+                st = torch.sparse_csr_tensor(crow, cols, values.reshape(-1)[order].to(dense.dtype), size=(n, B))
+                return torch.sparse.mm(st, dense)
+        else:
+            def st_mm(values: Tensor, dense: Tensor) -> Tensor:
+                return sparse_t_matmul(values.to(dense.dtype), i, n, dense)
+        dW_dec = st_mm(v.float(), g_out.float()).to(W_dec.dtype)
+        dW_enc = st_mm(g.float(), x_in.float()).t().to(W_enc.dtype)
+        db_enc = torch.zeros(n, device=g.device, dtype=torch.float32).index_add_(0, i.reshape(-1), g.reshape(-1).float())
+        dx_in = gather_rows_dot(W_enc.t().contiguous(), i, g).to(x_in.dtype)
+        db_dec = g_out.sum(0).to(x_in.dtype) - dx_in.sum(0)
+        return dx_in, dW_enc, db_enc.to(W_enc.dtype), dW_dec, db_dec, None
+
+
+def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """x̂, v, i of a TopK SAE in one autograd node (see :class:`TopKSAE`)."""
+    return TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k)
+
+
 def topk_encode(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None,
                 k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-k encoder with sparse backward; optionally the AuxK selection among ``aux_mask`` latents."""

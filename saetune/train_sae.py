@@ -130,16 +130,19 @@ class SAETrainer:
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(loss, metric tensors, fired-latent mask) for a batch x [B, d_in]."""
-        from saetune.kernels.topk_sae import sparse_decode, topk_encode
+        from saetune.kernels.topk_sae import sparse_decode, topk_encode, topk_sae
         sae, cfg = self.sae, self.cfg
         arch = sae.cfg.architecture
         m: dict[str, torch.Tensor] = {}
         if arch == "topk":
             dead = self.dead_mask() if cfg.auxk_coef > 0 else None
             use_aux = dead is not None and bool(dead.any())
-            x_in = x - sae.b_dec
-            v, i, va, ia = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k, dead if use_aux else None, self.k_aux)
-            x_hat = sparse_decode(v, i, sae.W_dec) + sae.b_dec
+            if use_aux:
+                x_in = x - sae.b_dec
+                v, i, va, ia = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k, dead, self.k_aux)
+                x_hat = sparse_decode(v, i, sae.W_dec) + sae.b_dec
+            else:  # one autograd node for the whole SAE: the backward sorts the latents once
+                x_hat, v, i = topk_sae(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k)
             sq = (x_hat.float() - x).pow(2).sum()
             f = loss = sq / total_variance(x).clamp_min(1e-12)
             pos = (v.detach() > 0).to(torch.uint8)
