@@ -2,7 +2,9 @@
 
 Resa's Stage I (SPEC_RESA.md) is the default recipe: TopK, FVU loss, no AuxK, b_dec from the
 first batch's mean, decoder rows re-normalised every step with the gradient component parallel
-to each row removed first, sign-SGD under schedule-free averaging, averaged weights saved.
+to each row removed first, sign-SGD under schedule-free averaging, averaged weights saved. (The averaged weights are what
+Resa saves and evaluates; their decoder rows are averages of unit rows, so slightly shorter than
+1 — the renormalisation applies to the training sequence, as in the reference.)
 
 Several SAEs (hooks × widths × k) train from one stream of forwards. A checkpoint holds every
 SAE's weights, its optimiser state, the dead-latent counters, the data position and the RNG
