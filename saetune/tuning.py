@@ -1,0 +1,472 @@
+"""``saetune tune``: SAE-Tuning, Resa's Stage II (SPEC_RESA.md).
+
+A frozen SAE replaces the target model's activation at one block; LoRA adapters learn to make
+the model's outputs through that bottleneck match the model's own outputs without it::
+
+    x̂      = SAE(x)                      x the block output; under no_grad (stop_grad, default)
+    out    = x̂                           (error_term: x̂ + (x − x̂), the error carrying gradient)
+    loss   = Σ_t KL(p_t ‖ q_t) / B       p: target, adapters off, SAE off (teacher, no grad)
+                                          q: target, adapters on, SAE in (student)
+    (loss "ce": mean next-token cross-entropy of the student instead)
+
+AdamW (lr 1e-6, weight decay 0.01), grad-norm clip 1.0, constant lr, packed chunks, 2 epochs:
+the reference code's settings. With the defaults (stop-gradient, no error term, LoRA B = 0 at
+init) adapters in blocks up to the hook never receive gradient, so the student's blocks up to
+the hook equal the teacher's. ``shared_prefix`` uses that: those blocks run once per step
+(shared by teacher and student) and LoRA goes only on the blocks after the hook. Any setting
+that lets gradient reach the earlier blocks switches it off. The KL is computed a block of
+positions at a time from the final hidden states (``saetune.distill``), never as two full fp32
+logit tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from torch import nn
+
+from .config import opt
+from .data import DataConfig, load_chunks
+from .distill import ce_from_hidden, kl_from_hidden
+from .errors import SaetuneError
+from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
+from .metrics import fvu as fvu_of
+from .models import HookPoint, StopForward, decoder_layers, first_tensor, load_model, model_width, resolve_hook
+from .optim import load_optimizer, save_optimizer
+from .runs import RunDir
+
+STAGE = "tune"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TuneConfig(DataConfig):
+    """``saetune tune``: SAE-Tuning (Resa Stage II) — LoRA through a frozen SAE bottleneck."""
+
+    model: str = opt("toy", "target model: 'toy', a local HF dir, or a hub id")
+    sae: str = opt("", "the frozen SAE: an SAE dir (SAELens or sparsify layout), a multi-hook dir (with "
+                       "sae_hook), or a `saetune train-sae` run dir")
+    sae_hook: str = opt("", "which SAE of a multi-hook dir to load (e.g. model.layers.12)")
+    hook: str = opt("", "hook point whose output the SAE replaces (default: the SAE's own hook name)")
+    loss: Literal["kl", "ce"] = opt("kl", "'kl': KL(target without SAE ‖ target with SAE and adapters), summed "
+                                          "over positions (Resa's code); 'ce': next-token cross-entropy (the paper's "
+                                          "prose: SFT)")
+    stop_grad: bool = opt(True, "compute the SAE reconstruction without gradient (Resa): only blocks after the "
+                                "hook learn")
+    error_term: bool = opt(False, "add the SAE error x − x̂ back, with gradient (the bottleneck then passes x)")
+    lora_r: int = opt(32, "LoRA rank")
+    lora_alpha: int = opt(128, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    target_modules: list[str] = opt(None, "module names that get LoRA (Resa: all seven projections)",
+                                    factory=lambda: list(LORA_TARGETS))
+    lr: float = opt(1e-6, "AdamW learning rate (Resa: 1e-6)")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    lr_schedule: Literal["constant", "cosine", "linear"] = opt("constant", "lr schedule after warm-up (Resa's "
+                                                                         "code: constant; its paper: cosine)")
+    warmup_steps: int = opt(0, "linear lr warm-up steps")
+    epochs: int = opt(2, "passes over the packed data")
+    batch_size: int = opt(1, "sequences per step (Resa: 1 per GPU)")
+    max_steps: int = opt(0, "stop after this many steps (0 = all epochs)")
+    shuffle: bool = opt(False, "shuffle the chunks each epoch (seeded)")
+    model_dtype: str = opt("float32", "dtype of the target model and the SAE (Resa: bfloat16)")
+    device: str = opt("auto", "'auto' (cuda if present), 'cpu' or 'cuda'")
+    shared_prefix: bool = opt(True, "run the blocks up to the hook once for teacher and student and put LoRA only "
+                                    "after the hook — exact with stop_grad and no error term, switched off otherwise")
+    kl_chunk: int = opt(1024, "positions per block when forming logits for the loss")
+    eval_seqs: int = opt(8, "held-out chunks (the last ones, never trained on) on which the loss is measured "
+                            "before and after tuning; 0 = none")
+    seed: int = opt(0, "seed of LoRA init, dropout and shuffling")
+    log_every: int = opt(10, "log metrics every N steps")
+    checkpoint_every: int = opt(500, "write a resumable checkpoint every N steps (Resa: 500; 0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        if not self.sae:
+            raise SaetuneError("tune needs an SAE (sae: an SAE dir or a train-sae run dir)")
+        if self.loss not in ("kl", "ce"):
+            raise SaetuneError(f"unknown loss {self.loss!r}; valid: kl, ce")
+        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk"):
+            if getattr(self, name) < 1:
+                raise SaetuneError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.target_modules:
+            raise SaetuneError("target_modules is empty; name the modules that get LoRA (e.g. q_proj v_proj)")
+
+    @property
+    def exact_prefix(self) -> bool:
+        """Whether blocks up to the hook provably equal the teacher's (the shared-prefix saving)."""
+        return self.shared_prefix and self.stop_grad and not self.error_term
+
+
+# ---- pure pieces ------------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, then constant / cosine / linear decay to 0."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return base
+    frac = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * frac))
+    if schedule == "linear":
+        return base * (1 - frac)
+    raise SaetuneError(f"unknown lr_schedule {schedule!r}; valid: constant, cosine, linear")
+
+
+def epoch_order(n: int, epoch: int, shuffle: bool, seed: int) -> torch.Tensor:
+    """Chunk order of one epoch: 0…n−1, or a permutation seeded by (seed, epoch)."""
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def bottleneck(sae: nn.Module, stop_grad: bool, error_term: bool,
+               stash: dict | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The hook function: ``x ↦ x̂`` (or ``x̂ + (x − x̂)``), x̂ computed in the SAE's dtype.
+
+    ``stash`` (if given) receives the last ``x`` and ``x̂`` (detached) for the FVU metric.
+    """
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        dtype = next(sae.parameters()).dtype
+        with torch.no_grad() if stop_grad else contextlib.nullcontext():
+            x_hat = sae(x.to(dtype)).to(x.dtype)
+        if stash is not None:
+            stash["x"], stash["x_hat"] = x.detach(), x_hat.detach()
+        if error_term:
+            x_hat = x_hat + (x - x_hat.detach() if stop_grad else x - x_hat)
+        return x_hat
+    return fn
+
+
+class _Skip(nn.Module):
+    """Stands in for a decoder block whose output is already known: returns ``value`` (or its input)."""
+
+    def __init__(self, orig: nn.Module, value: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.__dict__["_orig"] = orig  # not a submodule: parameters stay where they are
+        self.value, self.as_tuple = value, as_tuple
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_orig"], name)  # e.g. a block's attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.value is None else self.value
+        return (out,) if self.as_tuple else out
+
+
+@contextlib.contextmanager
+def skip_prefix(layers: nn.ModuleList, last: int, value: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Within the block, blocks 0…``last`` do nothing and block ``last`` outputs ``value``."""
+    saved = [layers[i] for i in range(last + 1)]
+    try:
+        for i in range(last + 1):
+            layers[i] = _Skip(saved[i], value if i == last else None, as_tuple)
+        yield
+    finally:
+        for i, m in enumerate(saved):
+            layers[i] = m
+
+
+def prefix_output(model: nn.Module, layers: nn.ModuleList, last: int, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Output of block ``last`` for ``ids`` (no grad; the forward stops there) and whether blocks return tuples."""
+    box: dict[str, Any] = {}
+
+    def hook(mod, args, out):
+        box["h"], box["tuple"] = first_tensor(out), isinstance(out, tuple)
+        raise StopForward
+
+    handle = layers[last].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return box["h"], box["tuple"]
+
+
+def check_logit_head(model: nn.Module) -> None:
+    """The chunked loss forms logits as h·Wᵀ + b; refuse models whose logits are post-processed."""
+    cfg = getattr(model, "config", None)
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        v = getattr(cfg, key, None)
+        if v not in (None, 1, 1.0):
+            raise SaetuneError(f"model config has {key}={v}: its logits are not h·Wᵀ + b, which the chunked "
+                               "SAE-Tuning loss assumes; this architecture is not supported yet")
+
+
+# ---- the model under tuning ---------------------------------------------------------------------
+
+class SAETuner:
+    """Target model + frozen SAE + LoRA; ``loss(ids)`` → (loss, metrics) for one batch."""
+
+    def __init__(self, cfg: TuneConfig, device: str):
+        from peft import LoraConfig, get_peft_model
+        from .sae import SAE
+
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
+        check_logit_head(self.model)
+        self.sae = SAE.load(cfg.sae, hook=cfg.sae_hook or None, device=device)
+        hook = cfg.hook or self.sae.cfg.hook_name or cfg.sae_hook
+        if not hook:
+            raise SaetuneError(f"the SAE in {cfg.sae!r} names no hook point; pass hook (e.g. model.layers.12)")
+        self.hp: HookPoint = resolve_hook(self.model, hook)
+        width = model_width(self.model, self.hp)
+        if self.sae.d_in != width:
+            raise SaetuneError(f"SAE width d_in={self.sae.d_in} does not match the target model's width {width} at "
+                               f"{self.hp.name}; train the SAE on a model of the same width or pick another SAE")
+        if cfg.sae_hook and cfg.sae_hook != self.hp.name and ".mlp" in cfg.sae_hook and self.hp.site == "block":
+            import warnings
+            warnings.warn(f"the SAE was trained on {cfg.sae_hook!r} (an MLP output) but replaces the block output "
+                          f"{self.hp.name!r}, as Resa's reference code does; the hook points differ", stacklevel=2)
+        self.sae.to(self.model.dtype).requires_grad_(False).eval()
+        prefix, self.layers = decoder_layers(self.model)
+        n_layers = len(self.layers)
+        self.exact = cfg.exact_prefix and self.hp.site == "block"
+        layers = list(range(self.hp.layer + 1, n_layers)) if self.exact else None
+        if layers is not None and not layers:
+            raise SaetuneError(f"hook {self.hp.name} is the last block: no block after it could learn; hook an "
+                               "earlier block")
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                          layers_to_transform=layers, layers_pattern=prefix.split(".")[-1] if layers else None)
+        try:
+            self.peft = get_peft_model(self.model, lora)
+        except ValueError as e:
+            linear = sorted({n.split(".")[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)})
+            raise SaetuneError(f"LoRA target_modules {cfg.target_modules} do not fit this model ({e}); its linear "
+                               f"modules are named: {', '.join(linear)}") from None
+        self.lora_layers = layers if layers is not None else list(range(n_layers))
+        self.decoder = self.model.get_decoder()
+        head = self.model.get_output_embeddings()
+        self.head_w, self.head_b = head.weight, getattr(head, "bias", None)
+        self.stash: dict[str, torch.Tensor] = {}
+        self.fn = bottleneck(self.sae, cfg.stop_grad, cfg.error_term, self.stash)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.peft.parameters() if p.requires_grad]
+
+    def hidden(self, ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Final hidden states of teacher (None for loss 'ce') and student, (B, T, D) each."""
+        need_teacher = self.cfg.loss == "kl"
+        h_t = None
+        if self.exact:
+            with self.peft.disable_adapter():
+                x, as_tuple = prefix_output(self.model, self.layers, self.hp.layer, ids)
+                if need_teacher:
+                    with torch.no_grad(), skip_prefix(self.layers, self.hp.layer, x, as_tuple):
+                        h_t = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+            with skip_prefix(self.layers, self.hp.layer, self.fn(x), as_tuple):
+                h_s = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+            return h_t, h_s
+        from .models import replace_activation
+        if need_teacher:
+            with torch.no_grad(), self.peft.disable_adapter():
+                h_t = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+        with replace_activation(self.model, self.hp, self.fn):
+            h_s = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+        return h_t, h_s
+
+    @torch.no_grad()
+    def eval_loss(self, chunks: torch.Tensor, device: str) -> float:
+        """Mean per-sequence loss on ``chunks`` with dropout off (the held-out measurement)."""
+        was_training = self.peft.training
+        self.peft.eval()
+        try:
+            total = sum(self.loss(chunks[i:i + self.cfg.batch_size].to(device))[0].item() * len(chunks[i:i + self.cfg.batch_size])
+                        for i in range(0, len(chunks), self.cfg.batch_size))
+        finally:
+            self.peft.train(was_training)
+        return total / len(chunks)
+
+    def loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        B, T = ids.shape
+        h_t, h_s = self.hidden(ids)
+        if self.cfg.loss == "kl":
+            kl = kl_from_hidden(h_t, h_s, self.head_w, self.head_b, self.cfg.kl_chunk)
+            loss = kl / B  # kl_div(..., reduction="batchmean") on (B, T, V): per-sequence sum
+            m = {"kl": loss.item(), "kl_per_token": kl.item() / (B * T)}
+        else:
+            loss = ce_from_hidden(h_s[:, :-1], ids[:, 1:], self.head_w, self.head_b, self.cfg.kl_chunk) / (B * (T - 1))
+            m = {"ce": loss.item()}
+        x, x_hat = self.stash["x"], self.stash["x_hat"]
+        m["fvu"] = fvu_of(x.reshape(-1, x.shape[-1]).float(), x_hat.reshape(-1, x.shape[-1]).float()).item()
+        return loss, m
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def _ckpt_root(run: RunDir) -> Path:
+    return run.path / "checkpoints"
+
+
+def save_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer, step: int, tokens: int,
+                    keep: int) -> None:
+    """checkpoints/step_NNNNNNN/{adapter,optim,state}.safetensors + JSON, then latest.json (atomic)."""
+    from peft import get_peft_model_state_dict
+    root = _ckpt_root(run)
+    final, tmp = root / f"step_{step:07d}", root / f".tmp-step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(tuner.peft).items()}
+    atomic_save_safetensors(tmp / "adapter.safetensors", sd)
+    save_optimizer(opt, tmp / "optim")
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state()
+    atomic_save_safetensors(tmp / "state.safetensors", rng)
+    atomic_write_json(tmp / "state.json", {"step": step, "tokens": tokens})
+    atomic_replace_dir(tmp, final)
+    atomic_write_json(root / "latest.json", {"step": step, "dir": final.name})
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """Restore the latest checkpoint; returns (step, tokens), (0, 0) without one."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    latest = _ckpt_root(run) / "latest.json"
+    if not latest.exists():
+        return 0, 0
+    d = _ckpt_root(run) / json.loads(latest.read_text())["dir"]
+    set_peft_model_state_dict(tuner.peft, load_file(str(d / "adapter.safetensors")))
+    load_optimizer(opt, d / "optim")
+    rng = load_file(str(d / "state.safetensors"))
+    torch.set_rng_state(rng["torch_rng"])
+    if "cuda_rng" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda_rng"])
+    meta = json.loads((d / "state.json").read_text())
+    return int(meta["step"]), int(meta["tokens"])
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+    """SAE-Tune ``cfg.model`` through ``cfg.sae`` into a run dir (``adapter/`` in peft layout).
+
+    Returns the results (also in ``results.json``): losses, FVU inside the target, tokens/s,
+    and the run's wall time and cost.
+    """
+    from tqdm.auto import tqdm
+    from .activations import resolve_device
+    device = resolve_device(cfg.device)
+    run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
+                      resume_ignore=("progress", "log_every"))
+    run.manifest["n_gpus"] = 1 if device.startswith("cuda") else 0
+    try:
+        with run.phase("load"):
+            tuner = SAETuner(cfg, device)
+            chunks = load_chunks(cfg, tuner.tokenizer)  # (N, T)
+            held = chunks[-cfg.eval_seqs:] if 0 < cfg.eval_seqs < chunks.shape[0] else chunks[:0]
+            chunks = chunks[:chunks.shape[0] - held.shape[0]]
+        run.add_input("model", tuner.model.name_or_path)
+        run.add_input("sae", cfg.sae)
+        per_epoch = chunks.shape[0] // cfg.batch_size
+        if per_epoch == 0:
+            raise SaetuneError(f"the data packs into {chunks.shape[0]} chunks of {cfg.context_size} tokens, fewer "
+                               f"than one batch of {cfg.batch_size}; add data or lower batch_size/context_size")
+        total = per_epoch * cfg.epochs
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        params = tuner.trainable()
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        start, tokens = load_checkpoint(run, tuner, opt) if resume else (0, 0)
+        run.truncate_metrics(start)
+        if len(held) and "eval_loss_before" not in run.manifest:
+            with run.phase("eval"):
+                run.manifest["eval_loss_before"] = tuner.eval_loss(held, device)
+            run.write_manifest()
+        tuner.peft.train()
+        tuner.sae.eval()
+        T = chunks.shape[1]
+        bar = tqdm(total=total, initial=start, desc="tune", unit="step", disable=not cfg.progress)
+        first_loss, last = None, {}
+        window: list[dict[str, float]] = []
+        t0 = time.perf_counter()
+        with run.phase("train"):
+            for step in range(start, total):
+                epoch, j = divmod(step, per_epoch)
+                order = epoch_order(chunks.shape[0], epoch, cfg.shuffle, cfg.seed)
+                ids = chunks[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]].to(device)
+                lr = lr_at(step, total, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss, m = tuner.loss(ids)
+                if not torch.isfinite(loss):
+                    raise SaetuneError(f"non-finite loss ({loss.item()}) at step {step + 1}; the last checkpoint is "
+                                       "kept — lower lr or check the SAE")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                opt.step()
+                tokens += ids.numel()
+                m.update(loss=loss.item(), grad_norm=float(gn), lr=lr)
+                first_loss = m["loss"] if first_loss is None and step == 0 else first_loss
+                window.append(m)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == total:
+                    elapsed = time.perf_counter() - t0
+                    last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                    run.log({"step": done, "tokens": tokens, "epoch": epoch, **{k: round(v, 6) for k, v in last.items()},
+                             "tokens_per_s": round((done - start) * cfg.batch_size * T / max(elapsed, 1e-9), 1)})
+                    bar.set_postfix(loss=f"{last['loss']:.4g}", fvu=f"{last['fvu']:.3f}")
+                    window = []
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
+                    save_checkpoint(run, tuner, opt, done, tokens, cfg.keep_checkpoints)
+                bar.update(1)
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        with run.phase("save"):
+            tmp = run.path / ".tmp-adapter"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tuner.peft.save_pretrained(str(tmp))
+            atomic_replace_dir(tmp, run.path / "adapter")
+            adapter_hash = run.add_artifact("adapter", "adapter")
+        if len(held):
+            with run.phase("eval"):
+                eval_after = tuner.eval_loss(held, device)
+        rows = run.metrics()
+        results = {
+            "hook": tuner.hp.name, "sae_d_sae": tuner.sae.d_sae, "sae_k": tuner.sae.cfg.k, "loss": cfg.loss,
+            "steps": total, "tokens": tokens, "first_loss": first_loss if first_loss is not None else (
+                rows[0]["loss"] if rows else None),
+            "final_loss": rows[-1]["loss"] if rows else None, "final_fvu": rows[-1]["fvu"] if rows else None,
+            "eval_seqs": len(held), "eval_loss_before": run.manifest.get("eval_loss_before"),
+            "eval_loss_after": eval_after if len(held) else None,
+            "tokens_per_s": round((total - start) * cfg.batch_size * T / max(train_seconds, 1e-9), 1),
+            "shared_prefix": tuner.exact, "lora_layers": tuner.lora_layers,
+            "trainable_params": sum(p.numel() for p in params), "adapter_sha256": adapter_hash,
+            "sae_sha256": run.manifest["inputs"]["sae"]["sha256"],
+        }
+        atomic_write_json(run.path / "results.json", results)
+        shutil.rmtree(_ckpt_root(run), ignore_errors=True)
+        run.finish(results=results, train_seconds=round(train_seconds, 3), steps=total)
+        results["wall_seconds"] = run.manifest["wall_seconds"]
+        results["estimated_cost_usd"] = run.manifest["estimated_cost_usd"]
+        print(f"SAE-Tuning: {run.manifest['wall_seconds'] / 60:.1f} minutes, ${run.manifest['estimated_cost_usd']:.2f} "
+              f"({run.manifest['gpu_hours']:.3f} GPU-hours)")
+        return results
+    except KeyboardInterrupt:
+        run.fail("interrupted")
+        raise
+    except BaseException as e:
+        run.fail(str(e) or type(e).__name__)
+        raise
