@@ -70,6 +70,24 @@ def cmd_train_sae(args) -> None:
     _print_json(train_sae(cfg, out, resume=resume, overwrite=args.overwrite))
 
 
+def cmd_tune(args) -> None:
+    from .tuning import tune
+    cfg, out, resume = _resolve(args)
+    _print_json(tune(cfg, out, resume=resume, overwrite=args.overwrite))
+
+
+def cmd_merge(args) -> None:
+    from .attach import merge
+    cfg, out, resume = _resolve(args)
+    _print_json(merge(cfg, out, resume=resume, overwrite=args.overwrite))
+
+
+def cmd_attach(args) -> None:
+    from .attach import attach
+    cfg, out, resume = _resolve(args)
+    _print_json(attach(cfg, out, resume=resume, overwrite=args.overwrite))
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
     cfg, out, resume = _resolve(args)
@@ -78,9 +96,11 @@ def cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .activations import CacheConfig
+    from .attach import AttachConfig, MergeConfig
     from .demo import DemoConfig
     from .toy.build import ToyBuildConfig
     from .train_sae import TrainSAEConfig
+    from .tuning import TuneConfig
 
     parser = argparse.ArgumentParser(prog="saetune", description=(
         "saetune: sparse autoencoders, SAE-Tuning and RL tools for reasoning models. "
@@ -102,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_cache)
     p = _verb(sub, "train-sae", TrainSAEConfig, "train SAEs on a model's activations (store or on the fly)")
     p.set_defaults(fn=cmd_train_sae)
+    p = _verb(sub, "tune", TuneConfig, "SAE-Tuning (Resa Stage II): LoRA through a frozen SAE bottleneck")
+    p.set_defaults(fn=cmd_tune)
+    p = _verb(sub, "merge", MergeConfig, "merge a LoRA adapter into its model (merged/ with a model card)")
+    p.set_defaults(fn=cmd_merge)
+    p = _verb(sub, "attach", AttachConfig, "put an adapter onto another model, or hook an SAE in while generating")
+    p.set_defaults(fn=cmd_attach)
     return parser
 
 
