@@ -1,0 +1,351 @@
+"""Generation backends for evaluation: Hugging Face ``generate`` and vLLM, behind one interface.
+
+A backend turns a list of prompt strings into one :class:`Completion` per prompt::
+
+    backend = HFBackend(model, tokenizer, batch_size=32)
+    outs = backend.generate(prompts, SamplingParams(temperature=0.6, top_p=0.95), seeds)
+
+Several samples of one problem are several entries of ``prompts`` (the caller repeats the
+prompt), so a backend never has to know about problems or samples, and an evaluation can be cut
+into batches and resumed at any prompt. ``seeds`` holds one integer per prompt: vLLM seeds each
+request with its own; HF ``generate`` draws a whole batch from one random stream, seeded with the
+batch's first seed (so the same batches give the same samples, on the same hardware).
+
+Defaults follow Resa's evaluation (SPEC_RESA.md): temperature 0.6, top-p 0.95, up to 32,768 new
+tokens; ``temperature=0`` means greedy decoding. A response is the text of the new tokens up to
+and including the first stop token, with the tokenizer's EOS/pad text dropped (the toy's
+``</answer>`` stop token stays, since its grader reads it).
+
+vLLM is optional (``pip install saetune[vllm]``); with ``data_parallel_size=N`` the vLLM backend
+runs N engines in N spawned processes, each seeing ``tensor_parallel_size`` GPUs of its own
+(``CUDA_VISIBLE_DEVICES`` is split between them), and deals the prompts out round-robin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from .errors import SaetuneError
+
+DEFAULT_TEMPERATURE = 0.6
+DEFAULT_TOP_P = 0.95
+DEFAULT_MAX_NEW_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one completion. ``temperature == 0`` is greedy decoding (``top_p`` unused)."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's EOS
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise SaetuneError(f"temperature={self.temperature}; it must be 0 (greedy) or positive")
+        if not 0 < self.top_p <= 1:
+            raise SaetuneError(f"top_p={self.top_p}; it must lie in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise SaetuneError(f"max_new_tokens={self.max_new_tokens}; it must be at least 1")
+
+
+@dataclass
+class Completion:
+    """One sampled response: its text, how many tokens were generated, whether it hit the cap."""
+
+    text: str
+    n_tokens: int
+    truncated: bool = False  # no stop token before max_new_tokens (or the context end)
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+class Backend(Protocol):
+    """What the evaluation loop needs from a generation engine."""
+
+    name: str
+    tokenizer: Any
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 seeds: Sequence[int]) -> list[Completion]: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt rendering
+# --------------------------------------------------------------------------------------------
+
+TEMPLATES = ("chat", "r1zero", "raw")
+
+
+def render_prompt(tokenizer, problem: str, template: str) -> str:
+    """The prompt text for one problem.
+
+    ``chat``: the tokenizer's chat template with one user turn and the generation prompt (how
+    Resa and lighteval evaluate); ``r1zero``: Resa's training text format up to the thought,
+    ``{R1_ZERO_SYSTEM}User:\\n {problem}\\n\\nAssistant:\\n <think>``; ``raw``: the problem as is.
+    """
+    from .data import R1_ZERO_SYSTEM, chat_text
+
+    if template == "chat":
+        return chat_text(tokenizer, problem)
+    if template == "r1zero":
+        return f"{R1_ZERO_SYSTEM}User:\n {problem}\n\nAssistant:\n <think>"
+    if template == "raw":
+        return problem
+    raise SaetuneError(f"unknown prompt template {template!r}; valid: {', '.join(TEMPLATES)}")
+
+
+def encode_prompt(tokenizer, prompt: str, template: str) -> list[int]:
+    """Token ids of a rendered prompt; a chat template already holds its special tokens."""
+    return tokenizer(prompt, add_special_tokens=(template != "chat"))["input_ids"]
+
+
+def _stop_ids(tokenizer, model_eos: Any, extra: Sequence[int]) -> list[int]:
+    ids: list[int] = []
+    for src in (model_eos, tokenizer.eos_token_id, *extra):
+        for i in (src if isinstance(src, (list, tuple)) else [src]):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def cut_response(token_ids: Sequence[int], stop_ids: Sequence[int], drop_ids: Sequence[int],
+                 hit_cap: bool) -> tuple[list[int], int, bool]:
+    """``(kept ids, n generated tokens, truncated)`` for one generated row.
+
+    Keeps tokens up to and including the first stop token; EOS/pad ids (``drop_ids``) are not
+    part of the text. ``n_tokens`` counts what the model produced, the stop token included.
+    """
+    stops = set(stop_ids)
+    for j, t in enumerate(token_ids):
+        if t in stops:
+            kept = list(token_ids[:j + 1])
+            if t in set(drop_ids):
+                kept = kept[:-1]
+            return kept, j + 1, False
+    return list(token_ids), len(token_ids), hit_cap
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face generate
+# --------------------------------------------------------------------------------------------
+
+class HFBackend:
+    """Batched ``model.generate`` with left padding; ``batch_size`` sequences per call.
+
+    ``template`` is only used to decide whether the tokenizer adds special tokens (a chat
+    template already has them). New tokens are capped so that prompt + response fits the
+    model's ``max_position_embeddings``.
+    """
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, template: str = "chat"):
+        if batch_size < 1:
+            raise SaetuneError(f"batch_size={batch_size}; it must be at least 1")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.template = batch_size, template
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise SaetuneError("the tokenizer has neither a pad nor an EOS token; batched generation needs one")
+        self.device = next(model.parameters()).device
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        if len(seeds) != len(prompts):
+            raise SaetuneError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
+        out: list[Completion] = []
+        for i in range(0, len(prompts), self.batch_size):
+            out += self._batch(list(prompts[i:i + self.batch_size]), params, int(seeds[i]))
+        return out
+
+    def _batch(self, prompts: list[str], params: SamplingParams, seed: int) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        ids = [encode_prompt(self.tokenizer, p, self.template) for p in prompts]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):
+            if x:
+                input_ids[r, width - len(x):] = torch.tensor(x)
+                attention[r, width - len(x):] = 1
+        max_new = params.max_new_tokens
+        if self.max_positions:
+            room = int(self.max_positions) - width
+            if room < 1:
+                raise SaetuneError(f"a prompt of {width} tokens leaves no room in the model's context of "
+                                   f"{self.max_positions} positions")
+            max_new = min(max_new, room)
+        gen_cfg = self.model.generation_config
+        stop = _stop_ids(self.tokenizer, getattr(gen_cfg, "eos_token_id", None), params.stop_token_ids)
+        sampling = params.temperature > 0
+        cfg = GenerationConfig(
+            do_sample=sampling, temperature=params.temperature if sampling else None,
+            top_p=params.top_p if sampling else None, top_k=None if sampling else None,
+            max_new_tokens=max_new, eos_token_id=stop, pad_token_id=self.pad_id)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the caller's random state is untouched
+            torch.manual_seed(seed)
+            gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                      generation_config=cfg)  # (B, T + new)
+        new = gen[:, width:].tolist()
+        drop = {i for i in (self.tokenizer.eos_token_id, self.pad_id) if i is not None}
+        out = []
+        for row in new:
+            kept, n, truncated = cut_response(row, stop, sorted(drop), hit_cap=True)
+            text = self.tokenizer.decode(kept, skip_special_tokens=False)
+            out.append(Completion(text=text, n_tokens=n, truncated=truncated, token_ids=kept))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM
+# --------------------------------------------------------------------------------------------
+
+def _require_vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise SaetuneError("backend 'vllm' needs vLLM, which is not installed; install it with "
+                           "`pip install saetune[vllm]` (Linux + CUDA), or use backend 'hf'") from None
+    return vllm
+
+
+def _vllm_params(params: SamplingParams, seed: int, stop_ids: Sequence[int]):
+    from vllm import SamplingParams as VSP
+    greedy = params.temperature == 0
+    return VSP(n=1, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
+               max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=list(stop_ids) or None,
+               skip_special_tokens=False)
+
+
+class _VLLMEngine:
+    """One vLLM engine in this process."""
+
+    def __init__(self, model_path: str, tensor_parallel_size: int, dtype: str, gpu_memory_utilization: float,
+                 seed: int, trust_remote_code: bool, max_model_len: int | None):
+        vllm = _require_vllm()
+        kwargs: dict[str, Any] = dict(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                                      gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                                      trust_remote_code=trust_remote_code)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int],
+                 use_tqdm: bool = False) -> list[Completion]:
+        stop = _stop_ids(self.tokenizer, None, params.stop_token_ids)
+        drop = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
+        sps = [_vllm_params(params, int(s), stop) for s in seeds]
+        outs = self.llm.generate(list(prompts), sps, use_tqdm=use_tqdm)
+        res = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            kept, n, _ = cut_response(ids, stop, sorted(drop), hit_cap=False)
+            res.append(Completion(text=self.tokenizer.decode(kept, skip_special_tokens=False), n_tokens=n,
+                                  truncated=c.finish_reason == "length", token_ids=kept))
+        return res
+
+
+def _dp_worker(rank: int, gpus: str, engine_kwargs: dict, requests, results) -> None:
+    """A data-parallel rank: its own GPUs, its own engine, jobs from ``requests`` until ``None``."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    try:
+        engine = _VLLMEngine(**engine_kwargs)
+        results.put((rank, "ready", None))
+    except BaseException as e:  # reported to the parent, which raises
+        results.put((rank, "error", f"{type(e).__name__}: {e}"))
+        return
+    while (job := requests.get()) is not None:
+        prompts, params, seeds = job
+        try:
+            results.put((rank, "ok", engine.generate(prompts, params, seeds)))
+        except BaseException as e:
+            results.put((rank, "error", f"{type(e).__name__}: {e}"))
+
+
+class VLLMBackend:
+    """vLLM offline inference; ``data_parallel_size`` engines in spawned processes when > 1."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 dtype: str = "auto", gpu_memory_utilization: float = 0.9, seed: int = 0,
+                 trust_remote_code: bool = False, max_model_len: int | None = None):
+        _require_vllm()
+        if tensor_parallel_size < 1 or data_parallel_size < 1:
+            raise SaetuneError(f"tensor_parallel_size={tensor_parallel_size} and data_parallel_size="
+                               f"{data_parallel_size} must both be at least 1")
+        kwargs = dict(model_path=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                      gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                      trust_remote_code=trust_remote_code, max_model_len=max_model_len)
+        self.dp = data_parallel_size
+        self._procs: list = []
+        if self.dp == 1:
+            self._engine = _VLLMEngine(**kwargs)
+            self.tokenizer = self._engine.tokenizer
+            return
+        self._start_workers(kwargs, tensor_parallel_size)
+        from .models import load_tokenizer
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+
+    def _start_workers(self, kwargs: dict, tp: int) -> None:
+        import multiprocessing as mp
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        need = self.dp * tp
+        if len(gpus) < need:
+            raise SaetuneError(f"data_parallel_size={self.dp} × tensor_parallel_size={tp} needs {need} GPUs; "
+                               f"{len(gpus)} are visible")
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._requests = [ctx.Queue() for _ in range(self.dp)]
+        for r in range(self.dp):
+            p = ctx.Process(target=_dp_worker, daemon=True, args=(
+                r, ",".join(gpus[r * tp:(r + 1) * tp]), kwargs, self._requests[r], self._results))
+            p.start()
+            self._procs.append(p)
+        for _ in range(self.dp):
+            rank, status, payload = self._results.get()
+            if status != "ready":
+                self.close()
+                raise SaetuneError(f"vLLM data-parallel rank {rank} failed to start: {payload}")
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        if self.dp == 1:
+            return self._engine.generate(prompts, params, seeds)
+        idx = [list(range(r, len(prompts), self.dp)) for r in range(self.dp)]
+        for r in range(self.dp):
+            self._requests[r].put(([prompts[i] for i in idx[r]], params, [seeds[i] for i in idx[r]]))
+        out: list[Completion | None] = [None] * len(prompts)
+        for _ in range(self.dp):
+            rank, status, payload = self._results.get()
+            if status != "ok":
+                raise SaetuneError(f"vLLM data-parallel rank {rank} failed: {payload}")
+            for i, c in zip(idx[rank], payload):
+                out[i] = c
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for q in getattr(self, "_requests", []):
+            with contextlib.suppress(Exception):
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        self._procs = []

@@ -1,0 +1,78 @@
+"""Generation backends: prompt templates, response cutting, HF generate on the toy and a random Qwen2."""
+
+import pytest
+
+from saetune.errors import SaetuneError
+from saetune.generation import (Completion, HFBackend, SamplingParams, VLLMBackend, cut_response, encode_prompt,
+                                render_prompt)
+from saetune.toy import task
+from saetune.toy.build import generate_responses, generation_stop_ids
+
+
+def test_render_prompt_templates(toy_base):
+    _, tok = toy_base
+    assert render_prompt(tok, "compute ( 1 + 2 ) * 3 .", "chat") == "User : compute ( 1 + 2 ) * 3 . Assistant :"
+    assert render_prompt(tok, "x", "raw") == "x"
+    r1 = render_prompt(tok, "What is 2+2?", "r1zero")
+    assert r1.startswith("A conversation between User and Assistant") and r1.endswith("User:\n What is 2+2?\n\nAssistant:\n <think>")
+    with pytest.raises(SaetuneError, match="valid: chat, r1zero, raw"):
+        render_prompt(tok, "x", "alpaca")
+    assert encode_prompt(tok, "User : compute", "chat") == tok("User : compute", add_special_tokens=False)["input_ids"]
+
+
+def test_cut_response():
+    # stop token kept unless it is EOS/pad; tokens after it dropped; n counts the stop token
+    assert cut_response([7, 8, 5, 0, 0], stop_ids=[0, 5], drop_ids=[0], hit_cap=True) == ([7, 8, 5], 3, False)
+    assert cut_response([7, 8, 0, 0], stop_ids=[0, 5], drop_ids=[0], hit_cap=True) == ([7, 8], 3, False)
+    assert cut_response([7, 8, 9], stop_ids=[0], drop_ids=[0], hit_cap=True) == ([7, 8, 9], 3, True)
+
+
+def test_sampling_params_checked():
+    with pytest.raises(SaetuneError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(SaetuneError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(SaetuneError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_hf_greedy_matches_toy_reference_and_batch_size(toy_base, one_thread):
+    model, tok = toy_base
+    exs = task.examples(12, seed=5)
+    prompts = [e["prompt"] for e in exs]
+    params = SamplingParams(temperature=0, max_new_tokens=60, stop_token_ids=tuple(generation_stop_ids(tok)))
+    a = HFBackend(model, tok, batch_size=12).generate(prompts, params, [0] * 12)
+    b = HFBackend(model, tok, batch_size=5).generate(prompts, params, [0] * 12)  # other left padding
+    assert [c.text for c in a] == [c.text for c in b]
+    ref = generate_responses(model, tok, prompts, batch_size=12)
+    assert [task.extract_answer(c.text) for c in a] == [task.extract_answer(r) for r in ref]
+    finished = [c for c in a if not c.truncated]
+    assert finished and all(c.text.endswith("</answer>") and "<|endoftext|>" not in c.text for c in finished)
+    assert all(c.n_tokens == len(tok(c.text, add_special_tokens=False)["input_ids"]) for c in finished)
+
+
+def test_hf_sampling_on_random_qwen2_seeded(tiny_model_dir, one_thread):
+    from saetune.models import load_model
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    backend = HFBackend(model, tok, batch_size=3, template="raw")
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=6)
+    prompts = ["User : compute ( 1 + 2 ) * 3 .", "User :", "compute 4 + 4 ."]
+    a = backend.generate(prompts, params, [11, 12, 13])
+    b = backend.generate(prompts, params, [11, 12, 13])
+    c = backend.generate(prompts, params, [99, 12, 13])
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    assert all(isinstance(x, Completion) and 1 <= x.n_tokens <= 6 for x in a)
+    assert all(x.truncated == (x.n_tokens == 6 and tok.eos_token_id not in x.token_ids) for x in a if x.truncated)
+    with pytest.raises(SaetuneError, match="one seed per prompt"):
+        backend.generate(prompts, params, [1])
+
+
+def test_vllm_missing_names_the_extra():
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed")
+    except ImportError:
+        pass
+    with pytest.raises(SaetuneError, match=r"pip install saetune\[vllm\]"):
+        VLLMBackend("toy")
