@@ -88,6 +88,17 @@ def cmd_attach(args) -> None:
     _print_json(attach(cfg, out, resume=resume, overwrite=args.overwrite))
 
 
+def cmd_eval(args) -> None:
+    from .evaluate import compare, format_table, run
+    if args.compare:
+        print(format_table(compare(args.compare, metric=args.metric)))
+        return
+    cfg, out, resume = _resolve(args)
+    results = run(cfg, out, resume=resume, overwrite=args.overwrite)
+    _print_json({name: {k: e[k] for k in ("n", "samples_per_problem", "pass@1", "avg@k", "pass@k", "ci95",
+                                          "unparsable_gold", "problems_per_s")} for name, e in results.items()})
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
     cfg, out, resume = _resolve(args)
@@ -128,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_merge)
     p = _verb(sub, "attach", AttachConfig, "put an adapter onto another model, or hook an SAE in while generating")
     p.set_defaults(fn=cmd_attach)
+    from .evaluate import EvalConfig
+    p = _verb(sub, "eval", EvalConfig, "sample and grade a model on math benchmarks (pass@k); --compare tabulates runs")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print a table of these eval run dirs (or "
+                   "parents of eval run dirs) instead of evaluating")
+    p.add_argument("--metric", default="pass@1", help="metric of the --compare table: pass@1, avg@k or pass@k:K")
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 

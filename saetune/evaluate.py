@@ -21,17 +21,24 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import json
 import math
 import multiprocessing
+import os
 import re
 import threading
-from typing import Any, Sequence
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
+from .config import opt
 from .errors import SaetuneError
 
 __all__ = [
-    "extract_graded_text", "last_boxed", "last_answer_tag", "normalize_answer", "is_correct",
-    "pass_at_k", "avg_at_k", "summarize", "load_benchmark",
+    "extract_graded_text", "last_boxed", "last_answer_tag", "normalize_answer", "is_correct", "gold_parses",
+    "pass_at_k", "avg_at_k", "summarize", "load_benchmark", "resolve_benchmark", "KNOWN_BENCHMARKS",
+    "EvalConfig", "resolve_model", "run", "read_samples", "compare", "format_table",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -348,25 +355,641 @@ def summarize(correct: Sequence[Sequence[bool]], ks: Sequence[int] | None = None
 
 
 # --------------------------------------------------------------------------------------------
+# Gold answers
+# --------------------------------------------------------------------------------------------
+
+def _parse_gold(gold: str, timeout_s: int | None) -> bool:
+    """Whether math-verify reads anything but the raw string back from ``$gold$``."""
+    from math_verify import parse
+
+    try:
+        parsed = parse(_wrap_gold(gold), parsing_timeout=timeout_s)
+    except Exception:
+        return False
+    return any(not isinstance(x, str) for x in parsed)  # unparsable LaTeX comes back as its own text
+
+
+def gold_parses(gold_answer: Any, timeout_s: float = 5) -> bool:
+    """Whether math-verify can parse a gold answer (wrapped in ``$…$``) into an expression.
+
+    An empty gold, or one math-verify returns only as raw text (e.g. ``\\frac{``), is
+    unparsable: such a problem can still be graded by the string fallback of :func:`is_correct`,
+    but an evaluation reports and counts it. Bounded like :func:`is_correct`.
+    """
+    gold = "" if gold_answer is None else str(gold_answer).strip()
+    if not gold:
+        return False
+    t = max(1, math.ceil(timeout_s))
+    if threading.current_thread() is threading.main_thread():
+        return _parse_gold(gold, t)
+    pool = _get_pool()
+    fut = pool.submit(_parse_gold, gold, t)
+    try:
+        return bool(fut.result(timeout=t + 5))
+    except cf.TimeoutError:
+        _kill_pool(pool)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
 # Benchmarks
 # --------------------------------------------------------------------------------------------
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class KnownBenchmark:
+    """A benchmark saetune knows by name: its file in a benchmarks dir and its hub dataset."""
+
+    file: str | None  # file name inside a benchmarks dir (None: hub only)
+    hub_id: str
+    split: str
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+
+
+KNOWN_BENCHMARKS: dict[str, KnownBenchmark] = {
+    "aime24": KnownBenchmark("aime24.jsonl", "HuggingFaceH4/aime_2024", "train"),
+    "aime25": KnownBenchmark("aime25.jsonl", "yentinglin/aime_2025", "train"),
+    "amc23": KnownBenchmark("amc2023.jsonl", "knoveleng/AMC-23", "train"),
+    "math500": KnownBenchmark("math500.jsonl", "HuggingFaceH4/MATH-500", "test"),
+    "minerva": KnownBenchmark("minervamath.jsonl", "knoveleng/Minerva-Math", "train", answer_field="solution"),
+    "math-beyond": KnownBenchmark(None, "brendel-group/MATH-Beyond", "test"),
+}
+#: Resa's math benchmarks (SPEC_RESA.md; GPQA-Diamond is multiple choice and not graded here).
+RESA_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva")
+BENCHMARKS_DIR_ENV = "SAETUNE_BENCHMARKS_DIR"
+
+
+def _iter_jsonl(path: Path):
+    """``(line number, row)`` of a JSONL file (1-based, blank lines skipped, bad JSON named)."""
+    with open(path) as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SaetuneError(f"{str(path)!r} line {i} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise SaetuneError(f"{str(path)!r} line {i} holds a {type(row).__name__}, not a JSON object")
+            yield i, row
+
 
 def load_benchmark(source: str, problem_field: str = "problem", answer_field: str = "answer",
                    limit: int = 0, split: str = "train") -> list[dict[str, str]]:
     """Rows ``{"problem": str, "answer": str}`` from a local JSONL/JSON/Parquet file or a HF id.
 
-    Reads through :func:`saetune.data.read_records`; ``limit`` > 0 keeps the first rows. A row
-    missing ``problem_field`` or ``answer_field`` is an error naming the field and the fields
-    present. Answers are stringified (some datasets store AIME answers as ints).
+    A JSONL row missing ``problem_field`` or ``answer_field`` (or whose problem is null) is an
+    error naming the file's line, the field and the fields present; other sources name the row.
+    A null answer becomes ``""`` (an unparsable gold: counted by :func:`run`, not an error).
+    Answers are stringified (some datasets store AIME answers as ints); ``limit`` > 0 keeps the
+    first rows. Hub ids are read through :func:`saetune.data.read_records`.
     """
-    from .data import read_records
-
-    rows = read_records(source, split=split, limit=limit)
+    p = Path(source).expanduser()
+    if p.suffix == ".jsonl" and p.exists():
+        located = []
+        for line, row in _iter_jsonl(p):
+            located.append((f"line {line}", row))
+            if limit and len(located) >= limit:
+                break
+        if not located:
+            raise SaetuneError(f"benchmark {source!r} is empty")
+    else:
+        from .data import read_records
+        located = [(f"row {i}", row) for i, row in enumerate(read_records(source, split=split, limit=limit))]
     out = []
-    for i, row in enumerate(rows):
+    for where, row in located:
         for field in (problem_field, answer_field):
-            if field not in row:
-                raise SaetuneError(f"benchmark {source!r} row {i} has no field {field!r}; fields present: "
+            if field not in row or (field == problem_field and row[field] is None):
+                raise SaetuneError(f"benchmark {source!r} {where} has no field {field!r}; fields present: "
                                    f"{sorted(row)} (set problem_field/answer_field)")
-        out.append({"problem": str(row[problem_field]), "answer": str(row[answer_field]).strip()})
+        answer = row[answer_field]
+        out.append({"problem": str(row[problem_field]), "answer": "" if answer is None else str(answer).strip()})
     return out
+
+
+def _benchmarks_dir(configured: str) -> Path | None:
+    d = configured or os.environ.get(BENCHMARKS_DIR_ENV, "")
+    return Path(d).expanduser() if d else None
+
+
+def resolve_benchmark(spec: str, benchmarks_dir: str = "") -> tuple[str, str, str, str, str]:
+    """``(name, source, split, problem_field, answer_field)`` for one benchmark spec.
+
+    ``spec`` is ``toy``; a local file; a known name (``aime24``, ``aime25``, ``amc23``,
+    ``math500``, ``minerva``, ``math-beyond``) found as its file in ``benchmarks_dir`` (or
+    ``$SAETUNE_BENCHMARKS_DIR``), else read from its hub dataset; or any hub dataset id (known ids
+    get their split and fields). Fields and split are empty when the caller's defaults apply.
+    """
+    if spec == "toy":
+        return "toy", "toy", "", "", ""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p.stem, str(p), "", "", ""
+    by_hub = {k.hub_id.lower(): (name, k) for name, k in KNOWN_BENCHMARKS.items()}
+    if spec.lower() in by_hub:
+        name, known = by_hub[spec.lower()]
+        return name, known.hub_id, known.split, known.problem_field, known.answer_field
+    if spec in KNOWN_BENCHMARKS:
+        known = KNOWN_BENCHMARKS[spec]
+        d = _benchmarks_dir(benchmarks_dir)
+        if d is not None and known.file and (d / known.file).exists():
+            return spec, str(d / known.file), "", "problem", "answer"
+        return spec, known.hub_id, known.split, known.problem_field, known.answer_field
+    if "/" in spec and not spec.startswith((".", "/", "~")) and not p.suffix:
+        return spec, spec, "", "", ""
+    raise SaetuneError(f"benchmark {spec!r} is neither 'toy', an existing file, a known name "
+                       f"({', '.join(KNOWN_BENCHMARKS)}) nor a hub dataset id like 'org/name'")
+
+
+# --------------------------------------------------------------------------------------------
+# The eval stage: config
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalConfig:
+    """Evaluating a model on math benchmarks (``saetune eval``): sample, grade, pass@k, results.
+
+    Writes ``eval/results.json`` and ``eval/samples.jsonl`` into the run dir; an interrupted
+    eval continues with ``--resume RUN_DIR`` without regenerating finished samples.
+    """
+
+    model: str = opt("toy", "model to evaluate: a HF model dir, a hub id, 'toy' (the shipped toy model), or a "
+                            "saetune run dir holding merged/, model/ or adapter/ (tried in that order)")
+    base_model: str = opt("", "base model for an adapter/ (default: the adapter's base_model_name_or_path)")
+    label: str = opt("", "row label in comparison tables, e.g. base, source, SAE-tuned, control "
+                         "(default: the run dir's name)")
+    benchmarks: list[str] = opt(factory=list, help=(
+        "benchmarks: 'toy' (exact-match toy task), known names aime24 aime25 amc23 math500 minerva "
+        "math-beyond, local .jsonl/.json/.parquet files, or hub dataset ids (e.g. brendel-group/MATH-Beyond); "
+        "empty = 'toy' for a toy model, else aime24 aime25 amc23 math500 minerva"))
+    benchmarks_dir: str = opt("", "dir holding the known benchmarks' JSONL files (default: $SAETUNE_BENCHMARKS_DIR; "
+                                  "names not found there are read from the hub)")
+    split: str = opt("test", "split of a hub dataset that is not a known benchmark")
+    problem_field: str = opt("problem", "problem field of benchmark files and unknown hub datasets")
+    answer_field: str = opt("answer", "gold answer field of benchmark files and unknown hub datasets")
+    add_instruction: bool = opt(True, "append 'Please reason step by step, and put your final answer within "
+                                      "\\boxed{}.' to math problems that do not mention \\boxed")
+    limit: int = opt(0, "evaluate only the first N problems of each benchmark (0 = all)")
+    toy_problems: int = opt(256, "problems of the 'toy' benchmark (fresh ones, not the training stream)")
+    template: Literal["chat", "r1zero", "raw"] = opt(
+        "chat", "prompt format: the tokenizer's chat template (Resa's evaluation), Resa's R1-Zero text "
+                "format ending in '<think>', or the problem text as is")
+    samples: int = opt(1, "samples per problem (Resa: 1; prefer more for avg@k; MATH-Beyond uses 1024)")
+    ks: list[int] = opt(factory=list, help="k values of pass@k, each <= samples (default 1, 4, 16, ... and samples itself)")
+    temperature: float = opt(0.6, "sampling temperature (0 = greedy)")
+    top_p: float = opt(0.95, "nucleus sampling mass")
+    max_new_tokens: int = opt(32768, "new tokens per response (capped by the model's context; the toy task "
+                                     "caps it at its longest trace)")
+    backend: Literal["hf", "vllm"] = opt("hf", "generation engine: HF generate, or vLLM (pip install saetune[vllm])")
+    batch_size: int = opt(0, "samples per generate call and per checkpoint of samples.jsonl "
+                             "(0 = 32 for hf, 1024 for vllm)")
+    seed: int = opt(0, "seed of the samples (each sample's seed derives from it, the problem and the sample index)")
+    device: str = opt("", "device for the hf backend (default: cuda if available, else cpu)")
+    dtype: str = opt("auto", "weights dtype: auto (the checkpoint's), bfloat16, float16, float32")
+    trust_remote_code: bool = opt(False, "allow the model's own code from the hub")
+    grade_timeout_s: float = opt(5.0, "time bound of each math-verify parse/verify call")
+    n_boot: int = opt(1000, "bootstrap resamples of the problems for the 95% interval of pass@1")
+    tensor_parallel_size: int = opt(1, "vllm: GPUs per engine")
+    data_parallel_size: int = opt(1, "vllm: engines, one per process, each on its own tensor_parallel_size GPUs")
+    gpu_memory_utilization: float = opt(0.9, "vllm: fraction of GPU memory for weights and KV cache")
+    max_model_len: int = opt(0, "vllm: context length (0 = the model's)")
+    gpu_hour_usd: float = opt(1.0, "price of one GPU-hour for the cost estimate (Resa's costing: about $1)")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "toy_problems", "max_new_tokens", "n_boot", "tensor_parallel_size",
+                     "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise SaetuneError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("limit", "batch_size", "max_model_len"):
+            if getattr(self, name) < 0:
+                raise SaetuneError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        bad = [k for k in self.ks if not 1 <= k <= self.samples]
+        if bad:
+            raise SaetuneError(f"ks {bad} exceed samples={self.samples}; pass@k needs 1 <= k <= samples "
+                               "(raise samples or drop those k)")
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1:
+            raise SaetuneError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
+        if self.grade_timeout_s <= 0 or self.gpu_hour_usd < 0:
+            raise SaetuneError(f"grade_timeout_s={self.grade_timeout_s} must be positive and "
+                               f"gpu_hour_usd={self.gpu_hour_usd} not negative")
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise SaetuneError(f"benchmarks {self.benchmarks} name one benchmark twice")
+
+
+# --------------------------------------------------------------------------------------------
+# The eval stage: model, benchmarks, samples file
+# --------------------------------------------------------------------------------------------
+
+def resolve_model(model: str, base_model: str = "") -> dict[str, Any]:
+    """Where the weights of ``model`` are: ``{"path", "adapter", "run_dir"}``.
+
+    A saetune run dir gives its ``merged/``, else ``model/``, else ``adapter/`` on top of
+    ``base_model`` (default: the adapter's ``base_model_name_or_path``); ``run_dir`` is then the
+    dir, whose manifest says what producing the model cost.
+    """
+    from .models import resolve_model_path
+
+    p = Path(model).expanduser()
+    if p.is_dir() and not (p / "config.json").exists():
+        for sub in ("merged", "model"):
+            if (p / sub / "config.json").exists():
+                return {"path": str(p / sub), "adapter": None, "run_dir": str(p)}
+        if (p / "adapter" / "adapter_config.json").exists():
+            base = base_model or json.loads((p / "adapter" / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path") or ""
+            if not base:
+                raise SaetuneError(f"{str(p / 'adapter')!r} names no base model; pass base_model")
+            return {"path": resolve_model_path(base), "adapter": str(p / "adapter"), "run_dir": str(p)}
+        if (p / "adapter_config.json").exists():
+            base = base_model or json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+            if not base:
+                raise SaetuneError(f"{str(p)!r} names no base model; pass base_model")
+            return {"path": resolve_model_path(base), "adapter": str(p), "run_dir": None}
+        raise SaetuneError(f"{model!r} is a directory without a model: expected config.json, or a saetune run dir "
+                           "holding merged/, model/ or adapter/")
+    return {"path": resolve_model_path(model), "adapter": None, "run_dir": None}
+
+
+def _is_toy_tokenizer(tokenizer) -> bool:
+    from .toy.tokenizer import vocab
+    try:
+        v = tokenizer.get_vocab()
+    except Exception:
+        return False
+    want = vocab()
+    return len(v) == len(want) and all(v.get(t) == i for i, t in enumerate(want))
+
+
+@dataclass
+class _Bench:
+    name: str
+    source: str
+    rows: list[dict[str, str]]
+    toy: bool  # exact-match toy grader instead of math-verify
+
+
+def _load_benchmarks(cfg: EvalConfig, toy_model: bool) -> list[_Bench]:
+    from .toy.build import EVAL_SEED_OFFSET
+
+    specs = list(cfg.benchmarks) or (["toy"] if toy_model else list(RESA_BENCHMARKS))
+    out, names = [], set()
+    for spec in specs:
+        name, source, split, pf, af = resolve_benchmark(spec, cfg.benchmarks_dir)
+        if name in names:
+            raise SaetuneError(f"two benchmarks resolve to the name {name!r}; rename one of the files")
+        names.add(name)
+        if source == "toy":
+            from .toy import task
+            n = min(cfg.toy_problems, cfg.limit) if cfg.limit else cfg.toy_problems
+            rows = [{"problem": e["problem"], "answer": e["answer"]} for e in task.examples(n, EVAL_SEED_OFFSET)]
+            out.append(_Bench(name, source, rows, toy=True))
+            continue
+        rows = load_benchmark(source, pf or cfg.problem_field, af or cfg.answer_field, cfg.limit,
+                              split or cfg.split)
+        if cfg.add_instruction:
+            for r in rows:
+                if "\\boxed" not in r["problem"]:
+                    r["problem"] = f"{r['problem'].rstrip()}\n{BOXED_INSTRUCTION}"
+        out.append(_Bench(name, source, rows, toy=False))
+    return out
+
+
+SAMPLES_FILE = "eval/samples.jsonl"
+RESULTS_FILE = "eval/results.json"
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``samples.jsonl``; a last line cut by a kill is dropped (and cut off the file).
+
+    A bad line anywhere else is an error naming it: such a file was not written by an eval.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # bytes after the last newline are a line cut by a kill
+    lines = data[:end].split(b"\n")[:-1]
+    rows = []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(json.loads(raw))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise SaetuneError(f"{str(path)!r} line {i + 1} is not valid JSON; the samples file is "
+                                   "damaged (start a new eval or remove that line)") from None
+            end -= len(raw) + 1
+    if end < len(data):
+        with open(path, "rb+") as f:
+            f.truncate(end)
+    return rows
+
+
+def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append whole lines in one ``O_APPEND`` write and fsync: a kill leaves at most a cut last line."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sample_seed(seed: int, bench: str, problem: int, sample: int) -> int:
+    return zlib.crc32(f"{seed}:{bench}:{problem}:{sample}".encode())
+
+
+def _build_backend(cfg: EvalConfig, where: dict[str, Any], device: str, batch: int):
+    from .generation import HFBackend, VLLMBackend
+
+    if cfg.backend == "vllm":
+        if where["adapter"]:
+            raise SaetuneError("backend 'vllm' evaluates model dirs; merge the adapter first (saetune merge) or "
+                               "use backend 'hf'")
+        return VLLMBackend(where["path"], cfg.tensor_parallel_size, cfg.data_parallel_size, dtype=cfg.dtype,
+                           gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed,
+                           trust_remote_code=cfg.trust_remote_code, max_model_len=cfg.max_model_len or None)
+    from .models import load_model, load_tokenizer
+    model, tok = load_model(where["path"], dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    if where["adapter"]:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, where["adapter"]).merge_and_unload().eval()
+        if (Path(where["adapter"]) / "tokenizer_config.json").exists():
+            tok = load_tokenizer(where["adapter"], trust_remote_code=cfg.trust_remote_code)
+    return HFBackend(model, tok, batch_size=batch, template=cfg.template)
+
+
+# --------------------------------------------------------------------------------------------
+# The eval stage: the run
+# --------------------------------------------------------------------------------------------
+
+def _entry(bench: _Bench, rows: list[dict[str, Any]], cfg: EvalConfig, phases: dict[str, float],
+           unparsable: list[int]) -> dict[str, Any]:
+    """One benchmark's results entry from its sample rows."""
+    s = cfg.samples
+    correct = [[False] * s for _ in bench.rows]
+    tokens = truncated = 0
+    for r in rows:
+        correct[r["problem_index"]][r["sample_index"]] = bool(r["correct"])
+        tokens += int(r["n_tokens"])
+        truncated += bool(r.get("truncated"))
+    ks = list(cfg.ks) or sorted(set(_default_ks(s)) | {s})
+    entry = summarize(correct, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed)
+    gen_s = phases.get(f"generate:{bench.name}", 0.0)
+    grade_s = phases.get(f"grade:{bench.name}", 0.0)
+    entry.update({
+        "source": bench.source,
+        "grader": "toy exact match" if bench.toy else "math-verify",
+        "unparsable_gold": len(unparsable), "unparsable_gold_problems": unparsable,
+        "truncated_samples": truncated,
+        "mean_response_tokens": round(tokens / max(len(rows), 1), 2),
+        "generate_seconds": round(gen_s, 3), "grade_seconds": round(grade_s, 3),
+        "problems_per_s": round(len(bench.rows) / gen_s, 3) if gen_s else None,
+        "tokens_per_s": round(tokens / gen_s, 1) if gen_s else None,
+    })
+    return entry
+
+
+def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+        backend: Any = None) -> dict[str, dict[str, Any]]:
+    """Evaluate ``cfg.model`` on ``cfg.benchmarks`` into run dir ``out``; returns ``results.json``'s dict.
+
+    For each benchmark: render prompts (``cfg.template``), sample ``cfg.samples`` responses per
+    problem in chunks of ``cfg.batch_size``, grade each (the toy's exact match, or
+    :func:`is_correct` — in this thread when it is the main one, else in a worker process), and
+    append the chunk to ``eval/samples.jsonl`` (one row per sample: ``benchmark``,
+    ``problem_index``, ``sample_index``, ``prompt``, ``response``, ``gold``, ``correct``,
+    ``n_tokens``, ``truncated``). ``resume=True`` skips every sample already in that file.
+    ``eval/results.json`` maps each benchmark to :func:`summarize`'s entry plus
+    ``unparsable_gold`` (count) and throughput (``problems_per_s``, ``tokens_per_s``); the
+    manifest records the same throughput, wall time per phase, GPU-hours and the cost at
+    ``cfg.gpu_hour_usd``. ``backend`` replaces the model loading (any object with the
+    :class:`saetune.generation.Backend` interface).
+
+    Example — greedy accuracy of a toy model dir on 128 toy problems::
+
+        res = run(EvalConfig(model="runs/toy/model", benchmarks=["toy"], temperature=0, toy_problems=128),
+                  "runs/eval-toy")
+        res["toy"]["pass@1"]
+    """
+    from .io import atomic_write_json
+    from .models import default_device
+    from .runs import RunDir, read_manifest
+
+    device = cfg.device or default_device()
+    where = resolve_model(cfg.model, cfg.base_model) if backend is None else {
+        "path": cfg.model, "adapter": None, "run_dir": None}
+    run_dir = RunDir.open(out, "eval", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
+                          resume_ignore=("progress", "label"))
+    m = run_dir.manifest
+    m["label"] = cfg.label
+    m["n_gpus"] = (cfg.tensor_parallel_size * cfg.data_parallel_size if cfg.backend == "vllm"
+                   else int(device.startswith("cuda")))
+    if where["run_dir"]:
+        try:
+            src = read_manifest(where["run_dir"])
+            m["model_run"] = {"path": where["run_dir"], "stage": src.get("stage"),
+                              "wall_seconds": src.get("wall_seconds"), "gpu_hours": src.get("gpu_hours"),
+                              "estimated_cost_usd": src.get("estimated_cost_usd")}
+        except SaetuneError:
+            pass
+    batch = cfg.batch_size or (1024 if cfg.backend == "vllm" else 32)
+    own_backend = backend is None
+    try:
+        with run_dir.phase("load"):
+            if own_backend:
+                backend = _build_backend(cfg, where, device, batch)
+            benches = _load_benchmarks(cfg, cfg.model == "toy" or _is_toy_tokenizer(backend.tokenizer))
+        if own_backend:
+            run_dir.add_input("model", where["path"], digest=None if Path(where["path"]).exists() else "hub")
+            if where["adapter"]:
+                run_dir.add_input("adapter", where["adapter"])
+        for b in benches:
+            if Path(b.source).exists():
+                run_dir.add_input(f"benchmark:{b.name}", b.source)
+        samples_path = run_dir.path / SAMPLES_FILE
+        previous = read_samples(samples_path) if resume else []
+        if not resume:
+            samples_path.unlink(missing_ok=True)
+        results: dict[str, dict[str, Any]] = {}
+        counts = {"samples": len(previous), "tokens": sum(int(r["n_tokens"]) for r in previous)}
+        for b in benches:
+            results[b.name] = _eval_benchmark(cfg, b, backend, run_dir, previous, batch, counts)
+            atomic_write_json(run_dir.path / RESULTS_FILE, results)  # finished benchmarks are readable early
+        run_dir.add_artifact("results", RESULTS_FILE)
+        run_dir.add_artifact("samples", SAMPLES_FILE)
+        m["throughput"] = {name: {k: e[k] for k in ("problems_per_s", "tokens_per_s", "generate_seconds",
+                                                      "grade_seconds")} for name, e in results.items()}
+        run_dir.finish(results={n: {k: e[k] for k in ("n", "samples_per_problem", "pass@1", "avg@k", "ci95",
+                                                      "unparsable_gold")} for n, e in results.items()})
+        m["gpu_hour_usd"] = cfg.gpu_hour_usd
+        m["estimated_cost_usd"] = round(m.get("gpu_hours", 0.0) * cfg.gpu_hour_usd, 4)
+        run_dir.write_manifest()
+        return results
+    except KeyboardInterrupt:
+        run_dir.fail("interrupted")
+        raise
+    except BaseException as e:
+        run_dir.fail(str(e) or type(e).__name__)
+        raise
+    finally:
+        if own_backend and backend is not None:
+            backend.close()
+
+
+def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list[dict[str, Any]], batch: int,
+                    counts: dict[str, int]) -> dict[str, Any]:
+    """Sample, grade and record the samples of one benchmark that are not yet in the samples file."""
+    from tqdm.auto import tqdm
+
+    from .generation import SamplingParams, render_prompt
+
+    samples_path = run_dir.path / SAMPLES_FILE
+    tok = backend.tokenizer
+    stop: tuple[int, ...] = ()
+    max_new = cfg.max_new_tokens
+    if b.toy:
+        from .toy import task
+        from .toy.build import max_new_tokens as toy_max_new_tokens
+        close = tok.convert_tokens_to_ids(task.ANSWER_CLOSE)
+        stop = (int(close),) if close is not None and close != tok.unk_token_id else ()
+        max_new = min(max_new, toy_max_new_tokens())
+        grade = task.is_correct
+    else:
+        def grade(text: str, gold: str) -> bool:
+            return is_correct(text, gold, timeout_s=cfg.grade_timeout_s)
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new,
+                            stop_token_ids=stop)
+    prompts = [render_prompt(tok, r["problem"], cfg.template) for r in b.rows]
+    with run_dir.phase(f"grade:{b.name}"):
+        unparsable = [] if b.toy else [i for i, r in enumerate(b.rows)
+                                       if not gold_parses(r["answer"], cfg.grade_timeout_s)]
+    # longest prompts first: a batch pads little, and a too-long prompt fails at once
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    done = {(r["problem_index"], r["sample_index"]) for r in previous if r["benchmark"] == b.name}
+    todo = [(p, s) for p in order for s in range(cfg.samples) if (p, s) not in done]
+    total = len(b.rows) * cfg.samples
+    bar = tqdm(total=total, initial=total - len(todo), desc=f"eval {b.name}", unit="sample",
+               disable=not cfg.progress)
+    for i in range(0, len(todo), batch):
+        chunk = todo[i:i + batch]
+        with run_dir.phase(f"generate:{b.name}"):
+            comps = backend.generate([prompts[p] for p, _ in chunk], params,
+                                     [_sample_seed(cfg.seed, b.name, p, s) for p, s in chunk])
+        rows = []
+        with run_dir.phase(f"grade:{b.name}"):
+            for (p, s), c in zip(chunk, comps):
+                gold = b.rows[p]["answer"]
+                rows.append({"benchmark": b.name, "problem_index": p, "sample_index": s, "prompt": prompts[p],
+                             "response": c.text, "gold": gold, "correct": bool(grade(c.text, gold)),
+                             "n_tokens": int(c.n_tokens), "truncated": bool(c.truncated)})
+        _append_rows(samples_path, rows)
+        counts["samples"] += len(rows)
+        counts["tokens"] += sum(r["n_tokens"] for r in rows)
+        run_dir.log({"step": counts["samples"], "tokens": counts["tokens"], "benchmark": b.name,
+                     "accuracy_batch": round(sum(r["correct"] for r in rows) / len(rows), 4)})
+        bar.update(len(rows))
+    bar.close()
+    rows = [r for r in read_samples(samples_path) if r["benchmark"] == b.name]
+    return _entry(b, rows, cfg, run_dir.manifest["phases"], unparsable)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing runs
+# --------------------------------------------------------------------------------------------
+
+def _eval_dirs(path: Path) -> list[Path]:
+    """``path`` if it holds ``eval/results.json``, else its sub-dirs that do (a pipeline's parent dir)."""
+    if (path / RESULTS_FILE).exists():
+        return [path]
+    if path.is_dir():
+        subs = sorted(p for p in path.iterdir() if (p / RESULTS_FILE).exists())
+        if subs:
+            return subs
+    raise SaetuneError(f"{str(path)!r} holds no {RESULTS_FILE} (nor do its sub-dirs); pass eval run dirs")
+
+
+def compare(run_dirs: Sequence[str | Path], metric: str = "pass@1"):
+    """A table of several eval runs: one row per run, one column per benchmark, then the rest.
+
+    ``run_dirs``: eval run dirs, or parent dirs whose sub-dirs are eval runs (a demo). A row is
+    labelled by the run's ``label`` (base, source, SAE-tuned, control, …) or else its dir name.
+    Benchmark columns hold ``metric`` in percent — ``pass@1``, ``avg@k`` or ``pass@k:K`` (e.g.
+    ``pass@k:16``) — and ``avg`` their mean over the benchmarks the run has; then ``n`` (problems
+    × samples per benchmark, e.g. ``30x1``), ``eval_s`` and ``eval_usd`` (the eval's wall time
+    and estimated cost) and ``model_s`` / ``model_usd`` (those of the run that produced the
+    model, when the model was a saetune run dir: the "SAE-Tuning: X minutes, $Y" of Resa).
+    Returns a ``pandas.DataFrame`` indexed by label; :func:`format_table` renders it.
+    """
+    import pandas as pd
+
+    from .runs import read_manifest
+
+    if metric.startswith("pass@k:"):
+        key, k = "pass@k", metric.split(":", 1)[1]
+    elif metric in ("pass@1", "avg@k"):
+        key, k = metric, None
+    else:
+        raise SaetuneError(f"metric {metric!r}; valid: pass@1, avg@k, pass@k:K (e.g. pass@k:16)")
+    records, benchmarks = [], []
+    for d in (sub for p in run_dirs for sub in _eval_dirs(Path(p))):
+        results = json.loads((d / RESULTS_FILE).read_text())
+        try:
+            man = read_manifest(d)
+        except SaetuneError:
+            man = {}
+        row: dict[str, Any] = {"label": man.get("label") or d.name}
+        values = []
+        for name, e in results.items():
+            if name not in benchmarks:
+                benchmarks.append(name)
+            v = e[key] if k is None else e[key].get(k)
+            if v is None:
+                raise SaetuneError(f"{str(d)!r}: benchmark {name!r} has no pass@{k} "
+                                   f"(its ks: {', '.join(e[key])})")
+            row[name] = 100.0 * v
+            values.append(100.0 * v)
+        row["avg"] = sum(values) / len(values) if values else float("nan")
+        row["n"] = " ".join(f"{e['n']}x{e['samples_per_problem']}" for e in results.values())
+        row["eval_s"] = man.get("wall_seconds")
+        row["eval_usd"] = man.get("estimated_cost_usd")
+        src = man.get("model_run") or {}
+        row["model_s"] = src.get("wall_seconds")
+        row["model_usd"] = src.get("estimated_cost_usd")
+        row["run_dir"] = str(d)
+        records.append(row)
+    labels = [r["label"] for r in records]
+    for i, r in enumerate(records):  # two runs with one label stay apart
+        if labels.count(r["label"]) > 1:
+            r["label"] = f"{r['label']} ({Path(r['run_dir']).name})"
+    cols = ["label", *benchmarks, "avg", "n", "eval_s", "eval_usd", "model_s", "model_usd", "run_dir"]
+    return pd.DataFrame.from_records(records, columns=cols).set_index("label")
+
+
+def format_table(df, digits: int = 2) -> str:
+    """A Markdown table of :func:`compare`'s frame (numbers rounded, missing values blank, no run_dir)."""
+    import pandas as pd
+
+    df = df.drop(columns=[c for c in ("run_dir",) if c in df.columns])
+    header = [df.index.name or "", *map(str, df.columns)]
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (not isinstance(v, str) and pd.isna(v)):
+            return ""
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v)
+
+    rows = [[str(i), *(cell(v) for v in r)] for i, r in zip(df.index, df.itertuples(index=False))]
+    widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
