@@ -1,14 +1,18 @@
-"""Grading math answers and pass@k: the pure core of evaluation.
+"""Evaluating reasoning models on math benchmarks: grading, pass@k, the eval stage, comparisons.
 
-This module holds only the parts every evaluation needs and that can be tested without a model:
+The pure core, testable without a model:
 
 - :func:`extract_graded_text` / :func:`last_boxed` — what part of a response is graded;
 - :func:`is_correct` — math-verify grading with a bounded run time, safe from any thread;
+  :func:`gold_parses` — whether a gold answer parses at all;
 - :func:`pass_at_k`, :func:`avg_at_k`, :func:`summarize` — the numbers in ``eval/results.json``;
-- :func:`load_benchmark` — ``problem``/``answer`` rows from a local JSONL or a HF dataset id.
+- :func:`load_benchmark`, :func:`resolve_benchmark` — ``problem``/``answer`` rows from a local
+  file, a known name (:data:`KNOWN_BENCHMARKS`) or a HF dataset id.
 
-Generation backends, the ``saetune eval`` CLI verb (``saetune.evaluate.run(cfg)``) and the
-benchmark runs that write ``eval/results.json`` and ``eval/samples.jsonl`` come later.
+The stage (``saetune eval``): :class:`EvalConfig` and :func:`run`, which samples through a
+backend of :mod:`saetune.generation`, grades, and writes ``eval/results.json`` and
+``eval/samples.jsonl`` into a run dir (resumable per batch); :func:`compare` and
+:func:`format_table` put several eval runs side by side (base / source / SAE-tuned / controls).
 
 Grading rules (SPEC_RL, "Grading math answers"): grade the response only, never the prompt (the
 prompt itself asks for ``\\boxed{}``); after ``</think>`` when present; only the last
@@ -717,7 +721,8 @@ def _build_backend(cfg: EvalConfig, where: dict[str, Any], device: str, batch: i
                                "use backend 'hf'")
         return VLLMBackend(where["path"], cfg.tensor_parallel_size, cfg.data_parallel_size, dtype=cfg.dtype,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed,
-                           trust_remote_code=cfg.trust_remote_code, max_model_len=cfg.max_model_len or None)
+                           trust_remote_code=cfg.trust_remote_code, max_model_len=cfg.max_model_len or None,
+                           template=cfg.template)
     from .models import load_model, load_tokenizer
     model, tok = load_model(where["path"], dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
     if where["adapter"]:

@@ -235,8 +235,9 @@ class _VLLMEngine:
     """One vLLM engine in this process."""
 
     def __init__(self, model_path: str, tensor_parallel_size: int, dtype: str, gpu_memory_utilization: float,
-                 seed: int, trust_remote_code: bool, max_model_len: int | None):
+                 seed: int, trust_remote_code: bool, max_model_len: int | None, template: str):
         vllm = _require_vllm()
+        self.template = template
         kwargs: dict[str, Any] = dict(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                                       gpu_memory_utilization=gpu_memory_utilization, seed=seed,
                                       trust_remote_code=trust_remote_code)
@@ -250,7 +251,9 @@ class _VLLMEngine:
         stop = _stop_ids(self.tokenizer, None, params.stop_token_ids)
         drop = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
         sps = [_vllm_params(params, int(s), stop) for s in seeds]
-        outs = self.llm.generate(list(prompts), sps, use_tqdm=use_tqdm)
+        # token ids, not strings: vLLM would add a second BOS to a chat-templated prompt
+        requests = [{"prompt_token_ids": encode_prompt(self.tokenizer, p, self.template)} for p in prompts]
+        outs = self.llm.generate(requests, sps, use_tqdm=use_tqdm)
         res = []
         for o in outs:
             c = o.outputs[0]
@@ -285,14 +288,14 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  dtype: str = "auto", gpu_memory_utilization: float = 0.9, seed: int = 0,
-                 trust_remote_code: bool = False, max_model_len: int | None = None):
+                 trust_remote_code: bool = False, max_model_len: int | None = None, template: str = "chat"):
         _require_vllm()
         if tensor_parallel_size < 1 or data_parallel_size < 1:
             raise SaetuneError(f"tensor_parallel_size={tensor_parallel_size} and data_parallel_size="
                                f"{data_parallel_size} must both be at least 1")
         kwargs = dict(model_path=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                       gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                      trust_remote_code=trust_remote_code, max_model_len=max_model_len)
+                      trust_remote_code=trust_remote_code, max_model_len=max_model_len, template=template)
         self.dp = data_parallel_size
         self._procs: list = []
         if self.dp == 1:

@@ -76,3 +76,40 @@ def test_vllm_missing_names_the_extra():
         pass
     with pytest.raises(SaetuneError, match=r"pip install saetune\[vllm\]"):
         VLLMBackend("toy")
+
+
+def test_vllm_glue_with_a_stand_in_engine(monkeypatch, toy_base):
+    """The vLLM backend's request building and decoding, against a stand-in for the vllm module."""
+    import sys
+    import types
+
+    _, tok = toy_base
+    seen = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            seen["kwargs"] = kwargs
+
+        def get_tokenizer(self):
+            return tok
+
+        def generate(self, requests, sampling_params, use_tqdm=False):
+            seen["requests"], seen["params"] = requests, sampling_params
+            ids = tok("<think> 1 + 2 = 3 . </think> <answer> 3 </answer>", add_special_tokens=False)["input_ids"]
+            out = types.SimpleNamespace(token_ids=ids, finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[out]) for _ in requests]
+
+    def SP(**kw):
+        return types.SimpleNamespace(**kw)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SP))
+    backend = VLLMBackend("some/model", dtype="bfloat16", seed=3, template="chat")
+    close = tok.convert_tokens_to_ids("</answer>")
+    outs = backend.generate(["User : compute 1 + 2 . Assistant :"] * 2,
+                            SamplingParams(max_new_tokens=50, stop_token_ids=(close,)), [7, 8])
+    assert seen["kwargs"]["model"] == "some/model" and seen["kwargs"]["seed"] == 3
+    assert seen["requests"][0] == {"prompt_token_ids": tok("User : compute 1 + 2 . Assistant :",
+                                                           add_special_tokens=False)["input_ids"]}
+    assert [p.seed for p in seen["params"]] == [7, 8] and close in seen["params"][0].stop_token_ids
+    assert seen["params"][0].temperature == 0.6 and seen["params"][0].max_tokens == 50
+    assert outs[0].text.endswith("<answer> 3 </answer>") and not outs[0].truncated and outs[0].n_tokens == 11
