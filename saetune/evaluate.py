@@ -666,29 +666,39 @@ SAMPLES_FILE = "eval/samples.jsonl"
 RESULTS_FILE = "eval/results.json"
 
 
-def read_samples(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``samples.jsonl``; a last line cut by a kill is dropped (and cut off the file).
+_SLIM_KEYS = ("benchmark", "problem_index", "sample_index", "correct", "n_tokens", "truncated")
 
-    A bad line anywhere else is an error naming it: such a file was not written by an eval.
+
+def read_samples(path: str | Path, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``samples.jsonl`` (only ``keys`` of each, if given), read line by line.
+
+    A last line cut by a kill is dropped and cut off the file, so appending can go on; a bad
+    line followed by good ones is an error naming it (such a file was not written by an eval).
     """
     path = Path(path)
     if not path.exists():
         return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # bytes after the last newline are a line cut by a kill
-    lines = data[:end].split(b"\n")[:-1]
-    rows = []
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            rows.append(json.loads(raw))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise SaetuneError(f"{str(path)!r} line {i + 1} is not valid JSON; the samples file is "
-                                   "damaged (start a new eval or remove that line)") from None
-            end -= len(raw) + 1
-    if end < len(data):
+    rows: list[dict[str, Any]] = []
+    end = 0  # byte offset after the last good line
+    bad_line = None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                end += len(raw) if bad_line is None else 0
+                continue
+            if bad_line is not None:
+                raise SaetuneError(f"{str(path)!r} line {bad_line} is not valid JSON; the samples file is "
+                                   "damaged (start a new eval or remove that line)")
+            try:
+                row = json.loads(raw) if raw.endswith(b"\n") else None
+            except json.JSONDecodeError:
+                row = None
+            if row is None:
+                bad_line = lineno
+                continue
+            rows.append(row if keys is None else {k: row.get(k) for k in keys})
+            end += len(raw)
+    if bad_line is not None:
         with open(path, "rb+") as f:
             f.truncate(end)
     return rows
@@ -822,13 +832,13 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
             if Path(b.source).exists():
                 run_dir.add_input(f"benchmark:{b.name}", b.source)
         samples_path = run_dir.path / SAMPLES_FILE
-        previous = read_samples(samples_path) if resume else []
+        previous = read_samples(samples_path, _SLIM_KEYS) if resume else []
         if not resume:
             samples_path.unlink(missing_ok=True)
         results: dict[str, dict[str, Any]] = {}
         counts = {"samples": len(previous), "tokens": sum(int(r["n_tokens"]) for r in previous)}
         for b in benches:
-            results[b.name] = _eval_benchmark(cfg, b, backend, run_dir, previous, batch, counts)
+            results[b.name] = _eval_benchmark(cfg, b, backend, run_dir, previous, batch, counts)  # extends previous
             atomic_write_json(run_dir.path / RESULTS_FILE, results)  # finished benchmarks are readable early
         run_dir.add_artifact("results", RESULTS_FILE)
         run_dir.add_artifact("samples", SAMPLES_FILE)
@@ -898,13 +908,14 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
                              "response": c.text, "gold": gold, "correct": bool(grade(c.text, gold)),
                              "n_tokens": int(c.n_tokens), "truncated": bool(c.truncated)})
         _append_rows(samples_path, rows)
+        previous.extend({k: r[k] for k in _SLIM_KEYS} for r in rows)
         counts["samples"] += len(rows)
         counts["tokens"] += sum(r["n_tokens"] for r in rows)
         run_dir.log({"step": counts["samples"], "tokens": counts["tokens"], "benchmark": b.name,
                      "accuracy_batch": round(sum(r["correct"] for r in rows) / len(rows), 4)})
         bar.update(len(rows))
     bar.close()
-    rows = [r for r in read_samples(samples_path) if r["benchmark"] == b.name]
+    rows = [r for r in previous if r["benchmark"] == b.name]
     return _entry(b, rows, cfg, run_dir.manifest["phases"], unparsable)
 
 

@@ -226,3 +226,14 @@ def test_cli_eval_toy_end_to_end(tmp_path, capsys, one_thread):
     assert "| ev " in capsys.readouterr().out
     assert main(["eval", "--out", str(out), "--toy-problems", "6", "--no-progress"]) == 2
     assert "already holds" in capsys.readouterr().err
+
+
+def test_read_samples_repairs_a_cut_tail_and_names_a_bad_line(tmp_path):
+    p = tmp_path / "samples.jsonl"
+    good = json.dumps({"benchmark": "b", "problem_index": 0, "sample_index": 0, "correct": True, "n_tokens": 3})
+    p.write_text(good + "\n\n" + good[:20])
+    assert len(read_samples(p)) == 1 and p.read_text() == good + "\n\n"
+    assert read_samples(p, keys=["correct", "truncated"]) == [{"correct": True, "truncated": None}]
+    p.write_text(good + "\n{broken\n" + good + "\n")
+    with pytest.raises(SaetuneError, match="line 2 is not valid JSON"):
+        read_samples(p)
