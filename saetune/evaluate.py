@@ -774,6 +774,31 @@ def _entry(bench: _Bench, rows: list[dict[str, Any]], cfg: EvalConfig, phases: d
     return entry
 
 
+def _model_provenance(run_dir: Path) -> dict[str, Any]:
+    """What producing the model cost: its run dir's stage, time and cost, plus the runs it came from.
+
+    A ``merge`` (or ``attach``) run names its input adapter; when that adapter sits in another
+    run dir (a ``tune`` run), that run's time and cost are added: the model's total is tuning +
+    merging, the "SAE-Tuning: X minutes, $Y" of Resa.
+    """
+    from .runs import read_manifest
+
+    stages, seen, d = [], set(), run_dir
+    while d is not None and d.resolve() not in seen and len(stages) < 4:
+        seen.add(d.resolve())
+        try:
+            man = read_manifest(d)
+        except (SaetuneError, ValueError):
+            break
+        stages.append({"path": str(d), "stage": man.get("stage"), "wall_seconds": man.get("wall_seconds") or 0.0,
+                       "gpu_hours": man.get("gpu_hours") or 0.0,
+                       "estimated_cost_usd": man.get("estimated_cost_usd") or 0.0})
+        adapter = (man.get("inputs") or {}).get("adapter", {}).get("path")
+        d = Path(adapter).parent if adapter and (Path(adapter).parent / "manifest.json").exists() else None
+    return {"path": str(run_dir), "stages": stages,
+            **{k: round(sum(st[k] for st in stages), 6) for k in ("wall_seconds", "gpu_hours", "estimated_cost_usd")}}
+
+
 def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
         backend: Any = None) -> dict[str, dict[str, Any]]:
     """Evaluate ``cfg.model`` on ``cfg.benchmarks`` into run dir ``out``; returns ``results.json``'s dict.
@@ -798,11 +823,15 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
     """
     from .io import atomic_write_json
     from .models import default_device
-    from .runs import RunDir, read_manifest
+    from .runs import RunDir
 
     device = cfg.device or default_device()
-    where = resolve_model(cfg.model, cfg.base_model) if backend is None else {
-        "path": cfg.model, "adapter": None, "run_dir": None}
+    try:
+        where = resolve_model(cfg.model, cfg.base_model)
+    except SaetuneError:
+        if backend is None:
+            raise
+        where = {"path": cfg.model, "adapter": None, "run_dir": None}  # the given backend holds the model
     run_dir = RunDir.open(out, "eval", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
                           resume_ignore=("progress", "label"))
     m = run_dir.manifest
@@ -810,13 +839,7 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
     m["n_gpus"] = (cfg.tensor_parallel_size * cfg.data_parallel_size if cfg.backend == "vllm"
                    else int(device.startswith("cuda")))
     if where["run_dir"]:
-        try:
-            src = read_manifest(where["run_dir"])
-            m["model_run"] = {"path": where["run_dir"], "stage": src.get("stage"),
-                              "wall_seconds": src.get("wall_seconds"), "gpu_hours": src.get("gpu_hours"),
-                              "estimated_cost_usd": src.get("estimated_cost_usd")}
-        except SaetuneError:
-            pass
+        m["model_run"] = _model_provenance(Path(where["run_dir"]))
     batch = cfg.batch_size or (1024 if cfg.backend == "vllm" else 32)
     own_backend = backend is None
     try:
@@ -942,8 +965,9 @@ def compare(run_dirs: Sequence[str | Path], metric: str = "pass@1"):
     Benchmark columns hold ``metric`` in percent — ``pass@1``, ``avg@k`` or ``pass@k:K`` (e.g.
     ``pass@k:16``) — and ``avg`` their mean over the benchmarks the run has; then ``n`` (problems
     × samples per benchmark, e.g. ``30x1``), ``eval_s`` and ``eval_usd`` (the eval's wall time
-    and estimated cost) and ``model_s`` / ``model_usd`` (those of the run that produced the
-    model, when the model was a saetune run dir: the "SAE-Tuning: X minutes, $Y" of Resa).
+    and estimated cost) and ``model_s`` / ``model_usd`` (those of the runs that produced the
+    model, when the model was a saetune run dir — a merge run adds the tune run it merged: the
+    "SAE-Tuning: X minutes, $Y" of Resa).
     Returns a ``pandas.DataFrame`` indexed by label; :func:`format_table` renders it.
     """
     import pandas as pd

@@ -237,3 +237,23 @@ def test_read_samples_repairs_a_cut_tail_and_names_a_bad_line(tmp_path):
     p.write_text(good + "\n{broken\n" + good + "\n")
     with pytest.raises(SaetuneError, match="line 2 is not valid JSON"):
         read_samples(p)
+
+
+def test_model_cost_follows_merge_back_to_tune(tmp_path, tiny_model_dir, toy_tok):
+    import shutil
+    tune, merge = tmp_path / "tune", tmp_path / "merge"
+    (tune / "adapter").mkdir(parents=True)
+    (tune / "manifest.json").write_text(json.dumps({"stage": "tune", "wall_seconds": 120.0, "gpu_hours": 0.5,
+                                                    "estimated_cost_usd": 0.5}))
+    shutil.copytree(tiny_model_dir, merge / "merged")
+    (merge / "manifest.json").write_text(json.dumps({
+        "stage": "merge", "wall_seconds": 3.0, "gpu_hours": 0.0, "estimated_cost_usd": 0.0,
+        "inputs": {"adapter": {"path": str(tune / "adapter")}}}))
+    bench = _math_file(tmp_path, ["2"])
+    run(EvalConfig(model=str(merge), benchmarks=[str(bench)], label="SAE-tuned", progress=False), tmp_path / "ev",
+        backend=FakeBackend(toy_tok))
+    prov = json.loads((tmp_path / "ev" / "manifest.json").read_text())["model_run"]
+    assert [st["stage"] for st in prov["stages"]] == ["merge", "tune"]
+    assert prov["wall_seconds"] == 123.0 and prov["estimated_cost_usd"] == 0.5
+    row = compare([tmp_path / "ev"]).loc["SAE-tuned"]
+    assert row["model_s"] == 123.0 and row["model_usd"] == 0.5 and row["mini"] == 100.0
