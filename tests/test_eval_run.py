@@ -257,3 +257,19 @@ def test_model_cost_follows_merge_back_to_tune(tmp_path, tiny_model_dir, toy_tok
     assert prov["wall_seconds"] == 123.0 and prov["estimated_cost_usd"] == 0.5
     row = compare([tmp_path / "ev"]).loc["SAE-tuned"]
     assert row["model_s"] == 123.0 and row["model_usd"] == 0.5 and row["mini"] == 100.0
+
+
+def test_eval_of_a_run_dir_holding_an_adapter(tmp_path, tiny_model_dir, one_thread):
+    """A tune-style run dir with only adapter/: the base is loaded and the adapter merged in memory."""
+    from peft import LoraConfig, get_peft_model
+
+    from saetune.models import load_model
+    model, _ = load_model(str(tiny_model_dir), device="cpu")
+    lora = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "tune" / "adapter")
+    cfg = EvalConfig(model=str(tmp_path / "tune"), benchmarks=["toy"], toy_problems=3, temperature=0,
+                     progress=False)
+    res = run(cfg, tmp_path / "ev")
+    man = json.loads((tmp_path / "ev" / "manifest.json").read_text())
+    assert res["toy"]["n"] == 3 and set(man["inputs"]) >= {"model", "adapter"}
+    assert man["inputs"]["adapter"]["path"] == str(tmp_path / "tune" / "adapter")
