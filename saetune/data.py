@@ -48,7 +48,8 @@ def chat_text(tokenizer, problem: str, response: str | None = None) -> str:
 class DataConfig:
     """Where the text comes from and how it becomes fixed-length token chunks."""
 
-    dataset: str = opt("toy", "'toy' (the built-in arithmetic traces), a local .jsonl/.json/.parquet file, "
+    dataset: str = opt("toy", "'toy' (the built-in arithmetic traces), 'toy-cotfree' (the same problems, the "
+                              "think holding only the answer, as Resa's data text), a local .jsonl/.json/.parquet file, "
                               "or a Hugging Face dataset id")
     split: str = opt("train", "dataset split (HF datasets)")
     template: Literal["auto", "resa", "chat", "plain"] = opt(
@@ -66,9 +67,11 @@ class DataConfig:
 
 def read_records(source: str, split: str = "train", limit: int = 0, seed: int = 0) -> list[dict[str, Any]]:
     """Records from 'toy', a local JSONL/JSON/Parquet file, or a HF dataset id."""
-    if source == "toy":
+    if source in ("toy", "toy-cotfree"):
         from .toy import examples
-        return examples(limit or 4096, seed)
+        from .toy.task import cot_free
+        rows = examples(limit or 4096, seed)
+        return [cot_free(r) for r in rows] if source == "toy-cotfree" else rows
     p = Path(source).expanduser()
     if p.exists():
         if p.suffix == ".jsonl":
@@ -126,7 +129,7 @@ def record_texts(records: list[dict[str, Any]], cfg: DataConfig, tokenizer=None)
     """Render records to text with ``cfg.template``; a missing field is named with the fields present."""
     template = cfg.template
     if template == "auto":
-        template = "plain" if (cfg.dataset == "toy" or cfg.text_field in records[0]) else "resa"
+        template = "plain" if (cfg.dataset in ("toy", "toy-cotfree") or cfg.text_field in records[0]) else "resa"
 
     def need(row: dict, field: str, i: int) -> Any:
         if field not in row:

@@ -31,6 +31,20 @@ LOCK = ".lock"
 GPU_HOUR_USD = 1.0  # Resa's costing: about one dollar per GPU-hour
 
 
+def gpu_hour_usd(configured: float | None = None) -> float:
+    """Price of one GPU-hour for cost estimates: $SAETUNE_GPU_HOUR_USD, else the run's setting, else $1 (Resa)."""
+    env = os.environ.get("SAETUNE_GPU_HOUR_USD")
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            raise SaetuneError(f"SAETUNE_GPU_HOUR_USD={env!r} is not a number (e.g. 1.0 or 2.5)") from None
+        if value < 0:
+            raise SaetuneError(f"SAETUNE_GPU_HOUR_USD={env!r} is negative; give a price of 0 or more")
+        return value
+    return GPU_HOUR_USD if configured is None else float(configured)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -227,8 +241,10 @@ class RunDir:
         wall = sum(self.manifest["phases"].values())
         self.manifest["wall_seconds"] = round(wall, 3)
         gpus = self.manifest.get("n_gpus", 0)
+        rate = gpu_hour_usd(self.manifest.get("gpu_hour_usd"))
         self.manifest["gpu_hours"] = round(wall / 3600 * gpus, 6)
-        self.manifest["estimated_cost_usd"] = round(self.manifest["gpu_hours"] * GPU_HOUR_USD, 4)
+        self.manifest["gpu_hour_usd"] = rate
+        self.manifest["estimated_cost_usd"] = round(self.manifest["gpu_hours"] * rate, 4)
         self.write_manifest()
         self._unlock()
 

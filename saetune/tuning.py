@@ -53,7 +53,8 @@ class TuneConfig(DataConfig):
 
     model: str = opt("toy", "target model: 'toy', a local HF dir, or a hub id")
     sae: str = opt("", "the frozen SAE: an SAE dir (SAELens or sparsify layout), a multi-hook dir (with "
-                       "sae_hook), or a `saetune train-sae` run dir")
+                       "sae_hook), or a `saetune train-sae` run dir; empty = no SAE (plain LoRA fine-tuning "
+                       "with loss 'ce', the no-SAE control)")
     sae_hook: str = opt("", "which SAE of a multi-hook dir to load (e.g. model.layers.12)")
     hook: str = opt("", "hook point whose output the SAE replaces (default: the SAE's own hook name)")
     loss: Literal["kl", "ce"] = opt("kl", "'kl': KL(target without SAE ‖ target with SAE and adapters), summed "
@@ -85,14 +86,16 @@ class TuneConfig(DataConfig):
     eval_seqs: int = opt(8, "held-out chunks (the last ones, never trained on) on which the loss is measured "
                             "before and after tuning; 0 = none")
     seed: int = opt(0, "seed of LoRA init, dropout and shuffling")
+    gpu_hour_usd: float = opt(1.0, "price of one GPU-hour for the cost estimate (Resa's costing: about $1)")
     log_every: int = opt(10, "log metrics every N steps")
     checkpoint_every: int = opt(500, "write a resumable checkpoint every N steps (Resa: 500; 0 = only at the end)")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self):
-        if not self.sae:
-            raise SaetuneError("tune needs an SAE (sae: an SAE dir or a train-sae run dir)")
+        if not self.sae and self.loss != "ce":
+            raise SaetuneError("loss 'kl' needs an SAE (sae: an SAE dir or a train-sae run dir): without one the "
+                               "student is the teacher; for plain LoRA fine-tuning (a control) use loss 'ce'")
         if self.loss not in ("kl", "ce"):
             raise SaetuneError(f"unknown loss {self.loss!r}; valid: kl, ce")
         for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk"):
@@ -104,7 +107,7 @@ class TuneConfig(DataConfig):
     @property
     def exact_prefix(self) -> bool:
         """Whether blocks up to the hook provably equal the teacher's (the shared-prefix saving)."""
-        return self.shared_prefix and self.stop_grad and not self.error_term
+        return bool(self.sae) and self.shared_prefix and self.stop_grad and not self.error_term
 
 
 # ---- pure pieces ------------------------------------------------------------------------------
@@ -217,29 +220,17 @@ class SAETuner:
 
     def __init__(self, cfg: TuneConfig, device: str):
         from peft import LoraConfig, get_peft_model
-        from .sae import SAE
 
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
         check_logit_head(self.model)
-        self.sae = SAE.load(cfg.sae, hook=cfg.sae_hook or None, device=device)
-        hook = cfg.hook or self.sae.cfg.hook_name or cfg.sae_hook
-        if not hook:
-            raise SaetuneError(f"the SAE in {cfg.sae!r} names no hook point; pass hook (e.g. model.layers.12)")
-        self.hp: HookPoint = resolve_hook(self.model, hook)
-        width = model_width(self.model, self.hp)
-        if self.sae.d_in != width:
-            raise SaetuneError(f"SAE width d_in={self.sae.d_in} does not match the target model's width {width} at "
-                               f"{self.hp.name}; train the SAE on a model of the same width or pick another SAE")
-        if cfg.sae_hook and cfg.sae_hook != self.hp.name and ".mlp" in cfg.sae_hook and self.hp.site == "block":
-            import warnings
-            warnings.warn(f"the SAE was trained on {cfg.sae_hook!r} (an MLP output) but replaces the block output "
-                          f"{self.hp.name!r}, as Resa's reference code does; the hook points differ", stacklevel=2)
-        self.sae.to(self.model.dtype).requires_grad_(False).eval()
+        self.sae, self.hp = None, None
+        if cfg.sae:
+            self._load_sae(cfg, device)
         prefix, self.layers = decoder_layers(self.model)
         n_layers = len(self.layers)
-        self.exact = cfg.exact_prefix and self.hp.site == "block"
+        self.exact = cfg.exact_prefix and self.hp is not None and self.hp.site == "block"
         layers = list(range(self.hp.layer + 1, n_layers)) if self.exact else None
         if layers is not None and not layers:
             raise SaetuneError(f"hook {self.hp.name} is the last block: no block after it could learn; hook an "
@@ -258,7 +249,24 @@ class SAETuner:
         head = self.model.get_output_embeddings()
         self.head_w, self.head_b = head.weight, getattr(head, "bias", None)
         self.stash: dict[str, torch.Tensor] = {}
-        self.fn = bottleneck(self.sae, cfg.stop_grad, cfg.error_term, self.stash)
+        self.fn = bottleneck(self.sae, cfg.stop_grad, cfg.error_term, self.stash) if self.sae is not None else None
+
+    def _load_sae(self, cfg: TuneConfig, device: str) -> None:
+        from .sae import SAE
+        self.sae = SAE.load(cfg.sae, hook=cfg.sae_hook or None, device=device)
+        hook = cfg.hook or self.sae.cfg.hook_name or cfg.sae_hook
+        if not hook:
+            raise SaetuneError(f"the SAE in {cfg.sae!r} names no hook point; pass hook (e.g. model.layers.12)")
+        self.hp: HookPoint = resolve_hook(self.model, hook)
+        width = model_width(self.model, self.hp)
+        if self.sae.d_in != width:
+            raise SaetuneError(f"SAE width d_in={self.sae.d_in} does not match the target model's width {width} at "
+                               f"{self.hp.name}; train the SAE on a model of the same width or pick another SAE")
+        if cfg.sae_hook and cfg.sae_hook != self.hp.name and ".mlp" in cfg.sae_hook and self.hp.site == "block":
+            import warnings
+            warnings.warn(f"the SAE was trained on {cfg.sae_hook!r} (an MLP output) but replaces the block output "
+                          f"{self.hp.name!r}, as Resa's reference code does; the hook points differ", stacklevel=2)
+        self.sae.to(self.model.dtype).requires_grad_(False).eval()
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.peft.parameters() if p.requires_grad]
@@ -277,6 +285,8 @@ class SAETuner:
                 h_s = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
             return h_t, h_s
         from .models import replace_activation
+        if self.sae is None:
+            return None, self.decoder(input_ids=ids, use_cache=False).last_hidden_state
         if need_teacher:
             with torch.no_grad(), self.peft.disable_adapter():
                 h_t = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
@@ -306,6 +316,8 @@ class SAETuner:
         else:
             loss = ce_from_hidden(h_s[:, :-1], ids[:, 1:], self.head_w, self.head_b, self.cfg.kl_chunk) / (B * (T - 1))
             m = {"ce": loss.item()}
+        if self.sae is None:
+            return loss, m
         x, x_hat = self.stash["x"], self.stash["x_hat"]
         m["fvu"] = fvu_of(x.reshape(-1, x.shape[-1]).float(), x_hat.reshape(-1, x.shape[-1]).float()).item()
         return loss, m
@@ -371,6 +383,7 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
     run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
                       resume_ignore=("progress", "log_every"))
     run.manifest["n_gpus"] = 1 if device.startswith("cuda") else 0
+    run.manifest["gpu_hour_usd"] = cfg.gpu_hour_usd
     try:
         with run.phase("load"):
             tuner = SAETuner(cfg, device)
@@ -378,7 +391,8 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
             held = chunks[-cfg.eval_seqs:] if 0 < cfg.eval_seqs < chunks.shape[0] else chunks[:0]
             chunks = chunks[:chunks.shape[0] - held.shape[0]]
         run.add_input("model", tuner.model.name_or_path)
-        run.add_input("sae", cfg.sae)
+        if cfg.sae:
+            run.add_input("sae", cfg.sae)
         per_epoch = chunks.shape[0] // cfg.batch_size
         if per_epoch == 0:
             raise SaetuneError(f"the data packs into {chunks.shape[0]} chunks of {cfg.context_size} tokens, fewer "
@@ -395,7 +409,8 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
                 run.manifest["eval_loss_before"] = tuner.eval_loss(held, device)
             run.write_manifest()
         tuner.peft.train()
-        tuner.sae.eval()
+        if tuner.sae is not None:
+            tuner.sae.eval()
         T = chunks.shape[1]
         bar = tqdm(total=total, initial=start, desc="tune", unit="step", disable=not cfg.progress)
         first_loss, last = None, {}
@@ -427,7 +442,7 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
                     last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                     run.log({"step": done, "tokens": tokens, "epoch": epoch, **{k: round(v, 6) for k, v in last.items()},
                              "tokens_per_s": round((done - start) * cfg.batch_size * T / max(elapsed, 1e-9), 1)})
-                    bar.set_postfix(loss=f"{last['loss']:.4g}", fvu=f"{last['fvu']:.3f}")
+                    bar.set_postfix(loss=f"{last['loss']:.4g}")
                     window = []
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
                     save_checkpoint(run, tuner, opt, done, tokens, cfg.keep_checkpoints)
@@ -445,16 +460,17 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
                 eval_after = tuner.eval_loss(held, device)
         rows = run.metrics()
         results = {
-            "hook": tuner.hp.name, "sae_d_sae": tuner.sae.d_sae, "sae_k": tuner.sae.cfg.k, "loss": cfg.loss,
+            "hook": tuner.hp.name if tuner.hp else None, "sae_d_sae": tuner.sae.d_sae if tuner.sae else None,
+            "sae_k": tuner.sae.cfg.k if tuner.sae else None, "loss": cfg.loss,
             "steps": total, "tokens": tokens, "first_loss": first_loss if first_loss is not None else (
                 rows[0]["loss"] if rows else None),
-            "final_loss": rows[-1]["loss"] if rows else None, "final_fvu": rows[-1]["fvu"] if rows else None,
+            "final_loss": rows[-1]["loss"] if rows else None, "final_fvu": rows[-1].get("fvu") if rows else None,
             "eval_seqs": len(held), "eval_loss_before": run.manifest.get("eval_loss_before"),
             "eval_loss_after": eval_after if len(held) else None,
             "tokens_per_s": round((total - start) * cfg.batch_size * T / max(train_seconds, 1e-9), 1),
             "shared_prefix": tuner.exact, "lora_layers": tuner.lora_layers,
             "trainable_params": sum(p.numel() for p in params), "adapter_sha256": adapter_hash,
-            "sae_sha256": run.manifest["inputs"]["sae"]["sha256"],
+            "sae_sha256": run.manifest["inputs"]["sae"]["sha256"] if cfg.sae else None,
         }
         atomic_write_json(run.path / "results.json", results)
         shutil.rmtree(_ckpt_root(run), ignore_errors=True)

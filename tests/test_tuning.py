@@ -167,5 +167,12 @@ def test_bad_target_modules_and_last_block(sae_dir):
         SAETuner(_cfg(sae_dir, target_modules=["no_such_proj"]), "cpu")
     with pytest.raises(SaetuneError, match="last block"):
         SAETuner(_cfg(sae_dir, hook="model.layers.3"), "cpu")
-    with pytest.raises(SaetuneError, match="needs an SAE"):
+
+
+def test_without_an_sae_it_is_plain_lora_sft(tmp_path):
+    res = tune(TuneConfig(model="toy", dataset="toy", max_examples=100, context_size=48, loss="ce", lr=2e-3, lora_alpha=8,
+                          max_steps=3, lora_r=4, progress=False, eval_seqs=2), tmp_path / "sft")
+    assert res["hook"] is None and res["sae_sha256"] is None and res["lora_layers"] == [0, 1, 2, 3]
+    assert res["eval_loss_after"] < res["eval_loss_before"]
+    with pytest.raises(SaetuneError, match="loss 'kl' needs an SAE"):
         TuneConfig(model="toy")

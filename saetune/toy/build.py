@@ -61,6 +61,8 @@ class ToyBuildConfig:
     threads: int = opt(1, "torch CPU threads while building (0 = leave torch's setting); the weights "
                           "depend on it, and one thread is also the fastest on a busy machine")
     attn_implementation: Literal["sdpa", "eager"] = opt("sdpa", "attention kernel of the model")
+    init_from: str = opt("", "continue training from this toy model dir (e.g. the shipped base) instead of a "
+                             "fresh init: how the demo's stronger 'source' model is made")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_problems"):
@@ -252,6 +254,10 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path | None, resume: bool = False,
             from .tokenizer import build_tokenizer
             tokenizer = build_tokenizer()
             model = build_model(tokenizer, cfg.seed, attn_implementation=cfg.attn_implementation)
+            if cfg.init_from:
+                init, _ = load_toy(cfg.init_from, attn_implementation=cfg.attn_implementation)
+                model.load_state_dict(init.state_dict())
+                run.add_input("init_from", cfg.init_from)
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                     weight_decay=cfg.weight_decay)
@@ -315,6 +321,16 @@ def shipped_base_path() -> Path:
     return path
 
 
+def shipped_source_path(check: bool = True) -> Path:
+    """``saetune/toy/source``: the shipped base trained further (the demo's stronger source model)."""
+    path = BASE_DIR.parent / "source"
+    if check and not (path / "model.safetensors").exists():
+        raise SaetuneError(f"the shipped toy source model is missing from {str(path)!r}; rebuild it with "
+                           "`python -m saetune.toy.build --init-from <base dir> --steps 200 --lr 1e-3 "
+                           "--warmup-steps 20 --seed 1 --ship-source`")
+    return path
+
+
 def load_toy(path: str | Path | None = None, attn_implementation: str | None = None):
     """``(model, tokenizer)`` of a toy model dir (default: the shipped base); model in eval mode, fp32."""
     from transformers import AutoModelForCausalLM
@@ -366,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="run dir (default: runs/toy-<time>, or a temp dir with --ship)")
     parser.add_argument("--config", help="YAML recipe to start from")
     parser.add_argument("--ship", action="store_true", help="copy the built model to saetune/toy/base")
+    parser.add_argument("--ship-source", action="store_true", help="copy the built model to saetune/toy/source "
+                                                                   "(the demo's stronger source model)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -376,13 +394,15 @@ def main(argv: list[str] | None = None) -> int:
                                   _config.overrides_from_args(args, ToyBuildConfig))
         with contextlib.ExitStack() as stack:
             out = args.out
-            if out is None and args.ship:
+            if out is None and (args.ship or args.ship_source):
                 out = stack.enter_context(tempfile.TemporaryDirectory(prefix="saetune-toy-"))
             stats = build_toy(cfg, out, resume=args.resume, overwrite=args.overwrite,
                               progress=not args.no_progress)
             print(json.dumps(stats))
             if args.ship:
                 print(f"shipped to {ship_base(out)}")
+            if args.ship_source:
+                print(f"shipped to {ship_base(out, shipped_source_path(check=False))}")
     except SaetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -162,6 +162,12 @@ def example(rng: random.Random, check_prob: float = 0.3) -> dict[str, Any]:
             "text": f"{pr} {resp}"}
 
 
+def cot_free(ex: dict[str, Any]) -> dict[str, Any]:
+    """The example without its reasoning: the think holds only the answer (Resa's CoT-free data text)."""
+    resp = f"{THINK_OPEN} {ex['answer']} {THINK_CLOSE} {ANSWER_OPEN} {ex['answer']} {ANSWER_CLOSE}"
+    return {**ex, "response": resp, "text": f"{ex['prompt']} {resp}"}
+
+
 def examples(n: int, seed: int, check_prob: float = 0.3) -> list[dict[str, Any]]:
     """``n`` examples drawn from ``random.Random(seed)`` (same seed, same list)."""
     rng = random.Random(seed)
