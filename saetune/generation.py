@@ -188,9 +188,10 @@ class HFBackend:
         gen_cfg = self.model.generation_config
         stop = _stop_ids(self.tokenizer, getattr(gen_cfg, "eos_token_id", None), params.stop_token_ids)
         sampling = params.temperature > 0
+        # top_k=0: no top-k cut (HF's default would be 50; Resa's vLLM sampling has none)
         cfg = GenerationConfig(
             do_sample=sampling, temperature=params.temperature if sampling else None,
-            top_p=params.top_p if sampling else None, top_k=None if sampling else None,
+            top_p=params.top_p if sampling else None, top_k=0 if sampling else None,
             max_new_tokens=max_new, eos_token_id=stop, pad_token_id=self.pad_id)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the caller's random state is untouched

@@ -113,3 +113,19 @@ def test_vllm_glue_with_a_stand_in_engine(monkeypatch, toy_base):
     assert [p.seed for p in seen["params"]] == [7, 8] and close in seen["params"][0].stop_token_ids
     assert seen["params"][0].temperature == 0.6 and seen["params"][0].max_tokens == 50
     assert outs[0].text.endswith("<answer> 3 </answer>") and not outs[0].truncated and outs[0].n_tokens == 11
+
+
+def test_hf_sampling_has_no_top_k_cut(toy_base, monkeypatch):
+    model, tok = toy_base
+    seen = []
+    real = model.generate
+
+    def spy(**kw):
+        g = model._prepare_generation_config(kw["generation_config"])
+        seen.append(g[0] if isinstance(g, tuple) else g)
+        return real(**kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    HFBackend(model, tok).generate(["User : compute 1 + 2 . Assistant :"], SamplingParams(max_new_tokens=3), [0])
+    g = seen[0]
+    assert g.do_sample and g.temperature == 0.6 and g.top_p == 0.95 and g.top_k == 0
