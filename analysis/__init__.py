@@ -1,1 +1,55 @@
-"""saetune.analysis: notebook-friendly analysis (pandas DataFrames, plotly figures). Not built yet."""
+"""saetune.analysis: read run dirs into pandas DataFrames, plotly figures and safe HTML.
+
+Everything here is a pure function of what a run dir holds (or of arrays you pass), so the
+explorer (``saetune explore``) and a notebook show the same thing::
+
+    from saetune import analysis as sa
+    d = sa.discover("runs/demo-…")                 # a run dir or a pipeline's parent dir
+    fd = sa.FeatureData.open("runs/demo-…")        # feature data written by `saetune features`
+    fd.table(); fd.examples(12); sa.activation_histogram(*fd.histogram(12))
+
+Modules: ``rundirs`` (discovery, manifests, configs), ``features`` (``saetune features``: build
+the feature data), ``feature_data`` (its lazy reader), ``html`` (token highlights, every string
+escaped), ``plots`` (figures), ``traces`` (entropy, CURE, RPR views of ``traces/*.jsonl``),
+``reasoning_features`` (think-token features per layer, Gaussian mixture), ``compare``
+(base / source / SAE-tuned / controls tables), ``live`` (views that need the model).
+Names load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    **{n: "saetune.analysis.rundirs" for n in (
+        "Discovery", "RunInfo", "discover", "run_info", "runs_table", "configs_side_by_side", "read_json",
+        "read_jsonl", "read_config", "mtime_key", "resolve_recorded_path", "find_saes", "recorded_model")},
+    **{n: "saetune.analysis.features" for n in ("FeaturesConfig", "features", "build_hook_features")},
+    **{n: "saetune.analysis.feature_data" for n in ("FeatureData", "feature_dirs")},
+    **{n: "saetune.analysis.html" for n in ("esc", "token_highlight_html", "span_highlight_html", "legend_html")},
+    **{n: "saetune.analysis.plots" for n in (
+        "activation_histogram", "density_histogram", "logit_effects_figure", "training_curves", "metrics_frame",
+        "metric_keys", "reasoning_counts_figure", "threshold_sweep_figure", "comparison_figure")},
+    **{n: "saetune.analysis.traces" for n in (
+        "TraceFile", "trace_files", "traces_table", "trace_html", "entropy_heatmap", "entropy_line",
+        "critical_markers", "rpr_table", "rpr_token_hits", "reward_parts", "trace_tokens")},
+    **{n: "saetune.analysis.reasoning_features" for n in (
+        "reasoning_feature_records", "reasoning_feature_rows", "reasoning_counts", "reasoning_feature_table",
+        "threshold_sweep", "fit_gmm_1d", "layer_gmm", "gmm_density", "is_reasoning")},
+    **{n: "saetune.analysis.compare" for n in ("comparison_table", "stage_times")},
+    **{n: "saetune.analysis.live" for n in ("prompt_activations", "top_features_of_prompt", "response_feature_acts")},
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'saetune.analysis' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

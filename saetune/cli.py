@@ -99,6 +99,17 @@ def cmd_eval(args) -> None:
                                           "unparsable_gold", "problems_per_s")} for name, e in results.items()})
 
 
+def cmd_features(args) -> None:
+    from saetune.analysis.features import features
+    cfg, out, resume = _resolve(args)
+    _print_json(features(cfg, out, resume=resume, overwrite=args.overwrite))
+
+
+def cmd_explore(args) -> None:
+    from saetune.app import explore
+    sys.exit(explore(args.run_dir, host=args.host, port=args.port, replace_process=True))
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
     cfg, out, resume = _resolve(args)
@@ -145,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "parents of eval run dirs) instead of evaluating")
     p.add_argument("--metric", default="pass@1", help="metric of the --compare table: pass@1, avg@k or pass@k:K")
     p.set_defaults(fn=cmd_eval)
+    from saetune.analysis.features import FeaturesConfig
+    p = _verb(sub, "features", FeaturesConfig, "precompute per-feature explorer data (density, histograms, contexts, "
+              "logit effects, neighbours, think-token features)")
+    p.set_defaults(fn=cmd_features)
+    p = sub.add_parser("explore", help="open the Streamlit explorer on a run dir or a pipeline dir",
+                       description="Run the Streamlit explorer headless (no usage statistics) on RUN_DIR.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir or a pipeline's parent dir (e.g. runs/demo-…)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on")
+    p.set_defaults(fn=cmd_explore)
     return parser
 
 

@@ -1,0 +1,155 @@
+"""Plotly figures for the analysis API and the explorer (pure functions of data).
+
+Text from models or datasets that ends up in a figure (token strings in axes and hover text)
+is HTML-escaped: plotly renders a subset of HTML in labels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .html import esc
+
+#: metrics.jsonl keys that are bookkeeping, not curves
+NOT_CURVES = {"step", "tokens", "time", "wall", "epoch"}
+
+
+def activation_histogram(edges: Sequence[float], counts: Sequence[int], title: str = "activation histogram"):
+    """Bars of a feature's non-zero activation counts over bin ``edges`` [B+1]."""
+    import plotly.graph_objects as go
+
+    e = np.asarray(edges, dtype=float)
+    c = np.asarray(counts)
+    fig = go.Figure(go.Bar(x=(e[:-1] + e[1:]) / 2, y=c, width=np.diff(e) if len(e) > 1 else None,
+                           marker_color="rgb(255,140,0)", hovertemplate="act %{x:.3g}: %{y}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="activation", yaxis_title="tokens", bargap=0.02, height=260,
+                      margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    return fig
+
+
+def density_histogram(table: pd.DataFrame, bins: int = 40):
+    """Histogram of log10 firing density over all features (dead features counted in the title)."""
+    import plotly.graph_objects as go
+
+    ld = table["log10_density"].replace(-np.inf, np.nan).dropna()
+    dead = int((table["density"] <= 0).sum())
+    fig = go.Figure(go.Histogram(x=ld, nbinsx=bins, marker_color="rgb(30,120,230)"))
+    fig.update_layout(title=f"feature density (log10; {dead} of {len(table)} never fire)", height=260,
+                      xaxis_title="log10 density", yaxis_title="features", margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    return fig
+
+
+def logit_effects_figure(df: pd.DataFrame, title: str = "direct logit effects"):
+    """Horizontal bars of the top ± logit effects (``FeatureData.logits`` table)."""
+    import plotly.graph_objects as go
+
+    d = df.sort_values("effect")
+    labels = [f"{esc(repr(t))} ({s})" for t, s in zip(d["token"], d["sign"])]
+    fig = go.Figure(go.Bar(x=d["effect"], y=labels, orientation="h",
+                           marker_color=["rgb(30,120,230)" if v > 0 else "rgb(220,40,60)" for v in d["effect"]]))
+    fig.update_layout(title=title, height=max(240, 22 * len(d) + 60), margin={"l": 10, "r": 10, "t": 40, "b": 30},
+                      xaxis_title="logit effect")
+    return fig
+
+
+def metric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Numeric keys of metrics rows that are worth a curve (in first-seen order)."""
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool):
+                keys.setdefault(k, None)
+    return list(keys)
+
+
+def metrics_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """metrics.jsonl rows as a DataFrame sorted by step (later rows win on repeated steps)."""
+    df = pd.DataFrame(list(rows))
+    if df.empty or "step" not in df:
+        return df
+    return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+
+
+def training_curves(runs: dict[str, Sequence[dict[str, Any]]], keys: Sequence[str] | None = None,
+                    x: str = "step", log_y: Sequence[str] = ("loss", "fvu", "mse", "kl")):
+    """One subplot per metric, one line per run (``{run name: metrics rows}``)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    frames = {name: metrics_frame(rows) for name, rows in runs.items()}
+    if keys is None:
+        keys = metric_keys([r for rows in runs.values() for r in rows])
+    keys = list(keys)
+    if not keys:
+        fig = go.Figure()
+        fig.update_layout(title="no metrics logged yet", height=200)
+        return fig
+    cols = 2 if len(keys) > 1 else 1
+    nrows = math.ceil(len(keys) / cols)
+    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=[esc(k) for k in keys], vertical_spacing=0.12 / max(1, nrows / 3))
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for j, k in enumerate(keys):
+        r, c = j // cols + 1, j % cols + 1
+        for n, (name, df) in enumerate(frames.items()):
+            if k not in df or x not in df:
+                continue
+            d = df[[x, k]].dropna()
+            fig.add_trace(go.Scatter(x=d[x], y=d[k], mode="lines", name=esc(name), legendgroup=esc(name),
+                                     showlegend=j == 0, line={"color": palette[n % len(palette)]}), row=r, col=c)
+        if any(t in k for t in log_y):
+            fig.update_yaxes(type="log", row=r, col=c)
+        fig.update_xaxes(title_text=x, row=r, col=c)
+    fig.update_layout(height=260 * nrows + 40, margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    return fig
+
+
+def reasoning_counts_figure(counts: pd.DataFrame, gmm: dict[str, list[float]] | None = None,
+                            threshold: float | None = None):
+    """Reasoning features per layer (bars), with the mixture's density scaled to the counts."""
+    import plotly.graph_objects as go
+
+    from .reasoning_features import gmm_density
+
+    fig = go.Figure(go.Bar(x=counts["layer"], y=counts["count"], name="reasoning features",
+                           hovertext=[esc(h) for h in counts["hook"]], marker_color="rgb(122,43,226)"))
+    if gmm is not None and len(counts):
+        xs = np.linspace(counts["layer"].min() - 1, counts["layer"].max() + 1, 300)
+        fig.add_trace(go.Scatter(x=xs, y=gmm_density(gmm, xs) * counts["count"].sum(), mode="lines",
+                                 name="3-component GMM" if len(gmm["means"]) == 3 else "GMM"))
+        for m in gmm["means"]:
+            fig.add_vline(x=m, line_dash="dot", annotation_text=f"{m:.1f}")
+    t = "" if threshold is None else f" (threshold {threshold:g})"
+    fig.update_layout(title=esc("features firing on <think> and </think> only" + t), xaxis_title="layer",
+                      yaxis_title="features", height=320, margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    return fig
+
+
+def threshold_sweep_figure(sweep: pd.DataFrame):
+    """Count of reasoning features against the threshold, one line per layer."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for (hook, layer), d in sweep.groupby(["hook", "layer"], sort=True):
+        fig.add_trace(go.Scatter(x=d["threshold"], y=d["count"], mode="lines+markers", name=esc(f"L{layer} {hook}")))
+    fig.update_layout(title="effect of the threshold", xaxis_title="threshold", yaxis_title="reasoning features",
+                      height=280, margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    return fig
+
+
+def comparison_figure(table: pd.DataFrame, metric: str = "accuracy"):
+    """Bars of ``metric`` per model row of a comparison table, with CI whiskers when present."""
+    import plotly.graph_objects as go
+
+    d = table.dropna(subset=[metric]) if metric in table else table.iloc[0:0]
+    err = None
+    if {"ci_lo", "ci_hi"} <= set(d.columns) and d[["ci_lo", "ci_hi"]].notna().all().all() and len(d):
+        err = {"type": "data", "symmetric": False, "array": d["ci_hi"] - d[metric], "arrayminus": d[metric] - d["ci_lo"]}
+    labels = [esc(f"{m} · {b}") if "benchmark" in d else esc(m) for m, b in
+              zip(d.get("model", d.index), d.get("benchmark", [""] * len(d)))]
+    fig = go.Figure(go.Bar(x=labels, y=d[metric] if len(d) else [], error_y=err, marker_color="rgb(30,120,230)"))
+    fig.update_layout(title=esc(metric), height=300, margin={"l": 40, "r": 10, "t": 40, "b": 80})
+    return fig
