@@ -110,6 +110,15 @@ def cmd_explore(args) -> None:
     sys.exit(explore(args.run_dir, host=args.host, port=args.port, replace_process=True))
 
 
+def cmd_pipeline(args) -> None:
+    from .pipeline import run_pipeline
+    out = args.resume or args.out
+    if not out:
+        from .runs import default_run_dir
+        out = default_run_dir(Path(args.recipe).stem.replace("_", "-"))
+    _print_json(run_pipeline(args.recipe, out, resume=bool(args.resume), overwrite=args.overwrite, only=args.only))
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
     cfg, out, resume = _resolve(args)
@@ -144,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_cache)
     p = _verb(sub, "train-sae", TrainSAEConfig, "train SAEs on a model's activations (store or on the fly)")
     p.set_defaults(fn=cmd_train_sae)
+    p = sub.add_parser("pipeline", help="run a pipeline recipe (e.g. resa_still_v5): one sub-run per stage",
+                       description="Run the stages of a pipeline recipe (a shipped name or a YAML path) into one "
+                                   "parent dir; '{stage}' in a setting names an earlier stage's run dir.")
+    p.add_argument("recipe", help="pipeline recipe: resa_still_v5, resa_deepscaler_v3, resa_modularity, or a path")
+    p.add_argument("--out", metavar="DIR", help="parent run dir (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the pipeline in DIR (complete stages are kept)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing parent dir")
+    p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    p.set_defaults(fn=cmd_pipeline)
     p = _verb(sub, "tune", TuneConfig, "SAE-Tuning (Resa Stage II): LoRA through a frozen SAE bottleneck")
     p.set_defaults(fn=cmd_tune)
     p = _verb(sub, "merge", MergeConfig, "merge a LoRA adapter into its model (merged/ with a model card)")
