@@ -555,6 +555,8 @@ class EvalConfig:
     dtype: str = opt("auto", "weights dtype: auto (the checkpoint's), bfloat16, float16, float32")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub")
     grade_timeout_s: float = opt(5.0, "time bound of each math-verify parse/verify call")
+    grade_workers: int = opt(0, "math-verify grading in this many worker processes, in parallel (0 = in this "
+                                "process: the main thread, or one worker process when run from another thread)")
     n_boot: int = opt(1000, "bootstrap resamples of the problems for the 95% interval of pass@1")
     tensor_parallel_size: int = opt(1, "vllm: GPUs per engine")
     data_parallel_size: int = opt(1, "vllm: engines, one per process, each on its own tensor_parallel_size GPUs")
@@ -568,7 +570,7 @@ class EvalConfig:
                      "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise SaetuneError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("limit", "batch_size", "max_model_len"):
+        for name in ("limit", "batch_size", "max_model_len", "grade_workers"):
             if getattr(self, name) < 0:
                 raise SaetuneError(f"{name} must be 0 or more, got {getattr(self, name)}")
         bad = [k for k in self.ks if not 1 <= k <= self.samples]
@@ -718,6 +720,40 @@ def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
+def _grade_one(text: str, gold: str, timeout_s: float) -> bool:
+    return is_correct(text, gold, timeout_s=timeout_s)
+
+
+def _gold_parses_one(gold: str, timeout_s: float) -> bool:
+    return gold_parses(gold, timeout_s)
+
+
+class _Grader:
+    """Runs a grading function over many items: here, or spread over ``workers`` spawned processes.
+
+    In a worker each call runs in that process's main thread, so math-verify's signal timeouts
+    bound it; never threads.
+    """
+
+    def __init__(self, workers: int, timeout_s: float):
+        self.timeout_s, self.workers = timeout_s, workers
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
+
+    def map(self, fn, *columns: list) -> list[bool]:
+        n = len(columns[0])
+        if self.pool is None:
+            return [bool(fn(*args, self.timeout_s)) for args in zip(*columns)]
+        try:
+            return [bool(x) for x in self.pool.map(fn, *columns, [self.timeout_s] * n,
+                                                     chunksize=max(1, n // (4 * self.workers)))]
+        except cf.process.BrokenProcessPool as e:
+            raise SaetuneError("a grading worker process died; rerun with --resume (finished samples are kept)") from e
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _sample_seed(seed: int, bench: str, problem: int, sample: int) -> int:
     return zlib.crc32(f"{seed}:{bench}:{problem}:{sample}".encode())
 
@@ -842,6 +878,7 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
         m["model_run"] = _model_provenance(Path(where["run_dir"]))
     batch = cfg.batch_size or (1024 if cfg.backend == "vllm" else 32)
     own_backend = backend is None
+    grader = _Grader(cfg.grade_workers, cfg.grade_timeout_s)
     try:
         with run_dir.phase("load"):
             if own_backend:
@@ -861,7 +898,8 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
         results: dict[str, dict[str, Any]] = {}
         counts = {"samples": len(previous), "tokens": sum(int(r["n_tokens"]) for r in previous)}
         for b in benches:
-            results[b.name] = _eval_benchmark(cfg, b, backend, run_dir, previous, batch, counts)  # extends previous
+            results[b.name] = _eval_benchmark(cfg, b, backend, run_dir, previous, batch, counts,  # extends previous
+                                              grader)
             atomic_write_json(run_dir.path / RESULTS_FILE, results)  # finished benchmarks are readable early
         run_dir.add_artifact("results", RESULTS_FILE)
         run_dir.add_artifact("samples", SAMPLES_FILE)
@@ -880,12 +918,13 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
         run_dir.fail(str(e) or type(e).__name__)
         raise
     finally:
+        grader.close()
         if own_backend and backend is not None:
             backend.close()
 
 
 def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list[dict[str, Any]], batch: int,
-                    counts: dict[str, int]) -> dict[str, Any]:
+                    counts: dict[str, int], grader: "_Grader") -> dict[str, Any]:
     """Sample, grade and record the samples of one benchmark that are not yet in the samples file."""
     from tqdm.auto import tqdm
 
@@ -901,16 +940,18 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
         close = tok.convert_tokens_to_ids(task.ANSWER_CLOSE)
         stop = (int(close),) if close is not None and close != tok.unk_token_id else ()
         max_new = min(max_new, toy_max_new_tokens())
-        grade = task.is_correct
+
+        def grade_all(texts: list[str], golds: list[str]) -> list[bool]:
+            return [task.is_correct(t, g) for t, g in zip(texts, golds)]
     else:
-        def grade(text: str, gold: str) -> bool:
-            return is_correct(text, gold, timeout_s=cfg.grade_timeout_s)
+        def grade_all(texts: list[str], golds: list[str]) -> list[bool]:
+            return grader.map(_grade_one, texts, golds)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new,
                             stop_token_ids=stop)
     prompts = [render_prompt(tok, r["problem"], cfg.template) for r in b.rows]
     with run_dir.phase(f"grade:{b.name}"):
-        unparsable = [] if b.toy else [i for i, r in enumerate(b.rows)
-                                       if not gold_parses(r["answer"], cfg.grade_timeout_s)]
+        parses = [True] * len(b.rows) if b.toy else grader.map(_gold_parses_one, [r["answer"] for r in b.rows])
+        unparsable = [i for i, ok in enumerate(parses) if not ok]
     # longest prompts first: a batch pads little, and a too-long prompt fails at once
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     done = {(r["problem_index"], r["sample_index"]) for r in previous if r["benchmark"] == b.name}
@@ -923,13 +964,11 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
         with run_dir.phase(f"generate:{b.name}"):
             comps = backend.generate([prompts[p] for p, _ in chunk], params,
                                      [_sample_seed(cfg.seed, b.name, p, s) for p, s in chunk])
-        rows = []
         with run_dir.phase(f"grade:{b.name}"):
-            for (p, s), c in zip(chunk, comps):
-                gold = b.rows[p]["answer"]
-                rows.append({"benchmark": b.name, "problem_index": p, "sample_index": s, "prompt": prompts[p],
-                             "response": c.text, "gold": gold, "correct": bool(grade(c.text, gold)),
-                             "n_tokens": int(c.n_tokens), "truncated": bool(c.truncated)})
+            correct = grade_all([c.text for c in comps], [b.rows[p]["answer"] for p, _ in chunk])
+        rows = [{"benchmark": b.name, "problem_index": p, "sample_index": s, "prompt": prompts[p],
+                 "response": c.text, "gold": b.rows[p]["answer"], "correct": bool(ok), "n_tokens": int(c.n_tokens),
+                 "truncated": bool(c.truncated)} for (p, s), c, ok in zip(chunk, comps, correct)]
         _append_rows(samples_path, rows)
         previous.extend({k: r[k] for k in _SLIM_KEYS} for r in rows)
         counts["samples"] += len(rows)

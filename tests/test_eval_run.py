@@ -273,3 +273,11 @@ def test_eval_of_a_run_dir_holding_an_adapter(tmp_path, tiny_model_dir, one_thre
     man = json.loads((tmp_path / "ev" / "manifest.json").read_text())
     assert res["toy"]["n"] == 3 and set(man["inputs"]) >= {"model", "adapter"}
     assert man["inputs"]["adapter"]["path"] == str(tmp_path / "tune" / "adapter")
+
+
+def test_grading_in_worker_processes_matches_in_process(tmp_path, toy_tok):
+    bench = _math_file(tmp_path, ["2", "\\frac{", "2.0", "3"])
+    res = [run(EvalConfig(benchmarks=[str(bench)], samples=2, grade_workers=w, progress=False), tmp_path / f"ev{w}",
+               backend=FakeBackend(toy_tok))["mini"] for w in (0, 2)]
+    assert res[0]["pass@1"] == res[1]["pass@1"] == 0.5 and res[0]["unparsable_gold_problems"] == [1]
+    assert res[1]["unparsable_gold_problems"] == [1]
