@@ -557,7 +557,7 @@ class EvalConfig:
     grade_timeout_s: float = opt(5.0, "time bound of each math-verify parse/verify call")
     grade_workers: int = opt(0, "math-verify grading in this many worker processes, in parallel (0 = in this "
                                 "process: the main thread, or one worker process when run from another thread)")
-    n_boot: int = opt(1000, "bootstrap resamples of the problems for the 95% interval of pass@1")
+    n_boot: int = opt(1000, "bootstrap resamples of the problems for the 95-percent interval of pass@1")
     tensor_parallel_size: int = opt(1, "vllm: GPUs per engine")
     data_parallel_size: int = opt(1, "vllm: engines, one per process, each on its own tensor_parallel_size GPUs")
     gpu_memory_utilization: float = opt(0.9, "vllm: fraction of GPU memory for weights and KV cache")

@@ -218,6 +218,9 @@ def test_compare_table(tmp_path, toy_tok):
 
 def test_cli_eval_toy_end_to_end(tmp_path, capsys, one_thread):
     from saetune.cli import main
+    with pytest.raises(SystemExit) as exit_info:  # every field's help text renders
+        main(["eval", "--help"])
+    assert exit_info.value.code == 0 and "--grade-workers" in capsys.readouterr().out
     out = tmp_path / "ev"
     assert main(["eval", "--out", str(out), "--toy-problems", "6", "--temperature", "0", "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out)
