@@ -53,7 +53,7 @@ def main() -> None:
                "problems_per_s_median": statistics.median(r["problems_per_s"] for r in rounds)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(f"\n| setting | problems/s | tokens/s | generate s | stage wall s | pass@1 |\n|---|---|---|---|---|---|")
+    print("\n| setting | problems/s | tokens/s | generate s | stage wall s | pass@1 |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} ({r['problems']} problems) | {r['problems_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
               f"{r['generate_s']:.2f} | {r['stage_wall_s']:.2f} | {r['pass@1']:.3f} |")

@@ -542,7 +542,8 @@ class EvalConfig:
         "chat", "prompt format: the tokenizer's chat template (Resa's evaluation), Resa's R1-Zero text "
                 "format ending in '<think>', or the problem text as is")
     samples: int = opt(1, "samples per problem (Resa: 1; prefer more for avg@k; MATH-Beyond uses 1024)")
-    ks: list[int] = opt(factory=list, help="k values of pass@k, each <= samples (default 1, 4, 16, ... and samples itself)")
+    ks: list[int] = opt(factory=list, help="k values of pass@k, each <= samples "
+                                           "(default 1, 4, 16, ... and samples itself)")
     temperature: float = opt(0.6, "sampling temperature (0 = greedy)")
     top_p: float = opt(0.95, "nucleus sampling mass")
     max_new_tokens: int = opt(32768, "new tokens per response (capped by the model's context; the toy task "
@@ -737,7 +738,8 @@ class _Grader:
 
     def __init__(self, workers: int, timeout_s: float):
         self.timeout_s, self.workers = timeout_s, workers
-        self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
+        self.pool = (cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                     if workers else None)
 
     def map(self, fn, *columns: list) -> list[bool]:
         n = len(columns[0])

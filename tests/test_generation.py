@@ -14,7 +14,8 @@ def test_render_prompt_templates(toy_base):
     assert render_prompt(tok, "compute ( 1 + 2 ) * 3 .", "chat") == "User : compute ( 1 + 2 ) * 3 . Assistant :"
     assert render_prompt(tok, "x", "raw") == "x"
     r1 = render_prompt(tok, "What is 2+2?", "r1zero")
-    assert r1.startswith("A conversation between User and Assistant") and r1.endswith("User:\n What is 2+2?\n\nAssistant:\n <think>")
+    assert r1.startswith("A conversation between User and Assistant")
+    assert r1.endswith("User:\n What is 2+2?\n\nAssistant:\n <think>")
     with pytest.raises(SaetuneError, match="valid: chat, r1zero, raw"):
         render_prompt(tok, "x", "alpaca")
     assert encode_prompt(tok, "User : compute", "chat") == tok("User : compute", add_special_tokens=False)["input_ids"]
