@@ -1,9 +1,11 @@
-"""``saetune demo``: the whole pipeline so far on the built-in model organism, on a CPU.
+"""``saetune demo``: Resa's SAE-Tuning story end to end on the built-in model organism, on a CPU.
 
-toy base (shipped, or built with ``--build-toy``) → activations cached at a middle layer →
-a TopK SAE trained with Resa's Stage I recipe scaled down → a table of FVU, L0, dead fraction,
-CE loss recovered and wall time per stage. One parent run dir holds a sub-run per stage and
-``summary.json``; a killed demo continues with ``--resume``.
+toy base (shipped, or built with ``--build-toy``) → a stronger source (the base trained further)
+→ the source's activations cached at a middle block → a TopK SAE (Resa's Stage I recipe scaled
+down) → SAE-Tuning of the base through that frozen SAE (``toy_tune`` recipe) → merge → controls
+(the same LoRA fine-tuning without the SAE, on the traces and CoT-free) → greedy exact-match
+accuracy of every model → feature data for the explorer. One parent run dir holds a sub-run per
+stage (``eval/<label>/`` per model) and ``summary.json``; a killed demo continues with ``--resume``.
 """
 
 from __future__ import annotations
@@ -18,52 +20,59 @@ from typing import Any
 from .config import opt
 from .errors import SaetuneError
 from .io import atomic_write_json
+from .pipeline import stage_state
 from .runs import RunDir, default_run_dir
+from .tuning import TuneConfig
 
 
 @dataclass
 class DemoConfig:
-    """``saetune demo``: toy model → activations → SAE, printed as a table."""
+    """``saetune demo``: the Resa story on the toy model organism, printed as a table."""
 
-    build_toy: bool = opt(False, "pre-train the toy base from scratch (about 2.5 min) instead of using the "
-                                 "shipped one")
+    build_toy: bool = opt(False, "pre-train the toy base (about 2.5 min) and its source (about 1.5 min) from "
+                                 "scratch instead of using the shipped ones")
     hook: str = opt("model.layers.2", "hook point of the SAE (a middle block of the 4-layer toy)")
-    examples: int = opt(6000, "toy traces to cache activations for")
+    examples: int = opt(6000, "toy traces to cache the source's activations for")
     context_size: int = opt(128, "tokens per packed sequence")
     d_sae: int = opt(1024, "SAE latents (8 × the toy's width 128)")
     k: int = opt(16, "active latents per token")
     batch_size: int = opt(2048, "SAE training batch in tokens")
     dead_tokens: int = opt(200_000, "tokens without firing before a latent counts as dead")
+    tune_recipe: str = opt("toy_tune", "SAE-Tuning recipe (also used, without the SAE, by the controls)")
+    tune_steps: int = opt(120, "SAE-Tuning (and control) steps")
+    controls: bool = opt(True, "also fine-tune the base without the SAE: on the traces, and CoT-free (Resa's "
+                               "control)")
+    eval_problems: int = opt(256, "fresh toy problems per model (greedy, exact match)")
+    features: bool = opt(True, "precompute the explorer's feature data for the SAE")
     seed: int = opt(0, "seed for every stage")
     progress: bool = opt(True, "show progress bars")
 
 
-def _stage_state(path: Path) -> str:
-    """'missing', 'complete', or 'partial' for a sub-run dir."""
-    mf = path / "manifest.json"
-    if not mf.exists():
-        return "missing" if not path.exists() else "partial"
-    return "complete" if json.loads(mf.read_text()).get("status") == "complete" else "partial"
-
-
-def _copy_shipped_toy(dest: Path) -> None:
-    from .toy import shipped_base_path
+def _copy_shipped(dest: Path, src: Path, source_name: str) -> None:
     from .toy.build import ToyBuildConfig
-    src = shipped_base_path()
     info = json.loads((src / "toy_build.json").read_text()) if (src / "toy_build.json").exists() else {}
     cfg = ToyBuildConfig(**{k: v for k, v in info.get("config", {}).items() if k in ToyBuildConfig.__dataclass_fields__})
     run = RunDir.open(dest, "toy", cfg, overwrite=True)
     with run.phase("copy"):
         shutil.copytree(src, dest / "model")
     run.add_artifact("model", "model")
-    run.finish(source="shipped", stats={k: info.get(k) for k in ("accuracy", "train_seconds", "steps", "n_params")})
+    run.finish(source=source_name, stats={k: info.get(k) for k in ("accuracy", "train_seconds", "steps", "n_params")})
 
 
 def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run the demo pipeline into ``out`` (a parent dir of per-stage run dirs); returns the summary."""
+    """Run the demo pipeline into ``out`` (a parent dir of per-stage run dirs); returns the summary.
+
+    base → a stronger source (the base trained further) → the source's activations → an SAE on
+    them → SAE-Tuning of the base through that SAE → merge; controls: the same LoRA fine-tuning
+    without the SAE, on the traces and CoT-free; greedy exact-match accuracy of every model.
+    """
     from .activations import CacheConfig, cache
-    from .toy.build import ToyBuildConfig, build_toy, evaluate_toy
+    from .attach import MergeConfig, merge
+    from .config import load_config
+    from .evaluate import EvalConfig, run as run_eval
+    from .toy.build import ToyBuildConfig, build_toy, shipped_base_path, shipped_source_path
     from .train_sae import TrainSAEConfig, train_sae
+    from .tuning import tune
 
     parent = Path(out) if out else default_run_dir("demo")
     if parent.exists() and any(parent.iterdir()) and not (resume or overwrite):
@@ -74,9 +83,9 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     parent.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 
-    def stage(name: str, fn) -> Any:
+    def stage(name: str, fn) -> Path:
         path = parent / name
-        state = _stage_state(path)
+        state = stage_state(path)
         t0 = time.perf_counter()
         if state == "complete":
             print(f"[{name}] already complete, kept")
@@ -87,41 +96,84 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
         print(f"[{name}] {times[name]:.1f} s", flush=True)
         return path
 
-    def toy_stage(path: Path, partial: bool):
+    def base_stage(path: Path, partial: bool):
         if cfg.build_toy:
             build_toy(ToyBuildConfig(seed=cfg.seed), path, resume=partial, progress=cfg.progress)
         else:
-            _copy_shipped_toy(path)
+            _copy_shipped(path, shipped_base_path(), "shipped")
 
-    toy_dir = stage("toy-base", toy_stage)
-    model_dir = toy_dir / "model"
+    base_dir = stage("toy-base", base_stage)
+    base_model = base_dir / "model"
 
-    cache_cfg = CacheConfig(model=str(model_dir), hooks=[cfg.hook], dataset="toy", max_examples=cfg.examples,
+    def source_stage(path: Path, partial: bool):
+        if cfg.build_toy:
+            build_toy(ToyBuildConfig(seed=cfg.seed + 1, init_from=str(base_model), **SOURCE_BUILD), path,
+                      resume=partial, progress=cfg.progress)
+        else:
+            _copy_shipped(path, shipped_source_path(), "shipped")
+
+    source_dir = stage("toy-source", source_stage)
+    source_model = source_dir / "model"
+
+    cache_cfg = CacheConfig(model=str(source_model), hooks=[cfg.hook], dataset="toy", max_examples=cfg.examples,
                             context_size=cfg.context_size, data_seed=cfg.seed, progress=cfg.progress)
     cache_dir = stage("cache", lambda p, partial: cache(cache_cfg, p, resume=partial))
 
-    sae_cfg = TrainSAEConfig(model=str(model_dir), activations=str(cache_dir), hooks=[cfg.hook], d_sae=[cfg.d_sae],
-                             k=[cfg.k], batch_size=cfg.batch_size, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
-                             context_size=cfg.context_size, data_seed=cfg.seed, eval_seqs=32,
+    sae_cfg = TrainSAEConfig(model=str(source_model), activations=str(cache_dir), hooks=[cfg.hook],
+                             d_sae=[cfg.d_sae], k=[cfg.k], batch_size=cfg.batch_size, dead_tokens=cfg.dead_tokens,
+                             seed=cfg.seed, context_size=cfg.context_size, data_seed=cfg.seed, eval_seqs=32,
                              checkpoint_every=50, log_every=2, progress=cfg.progress)
     sae_dir = stage("sae", lambda p, partial: train_sae(sae_cfg, p, resume=partial))
 
-    from .models import load_model
-    t0 = time.perf_counter()
-    model, tok = load_model(str(model_dir), device="cpu")
-    accuracy = evaluate_toy(model, tok, n=256, seed=cfg.seed + 12345)
-    times["eval-toy"] = round(time.perf_counter() - t0, 2)
+    from .toy.build import torch_threads
 
-    results = json.loads((sae_dir / "results.json").read_text())
-    r = next(iter(results.values()))
+    def tuned(c, p, partial):
+        with torch_threads(1):  # a 1M-parameter model: one thread beats two (no spin-waits on tiny matmuls)
+            return tune(c, p, resume=partial)
+
+    def tune_cfg(**kw):
+        return load_config(TuneConfig, cfg.tune_recipe, dict(model=str(base_model), hook=cfg.hook, seed=cfg.seed,
+                                                             max_steps=cfg.tune_steps, progress=cfg.progress, **kw))
+
+    tune_dir = stage("tune", lambda p, partial: tuned(tune_cfg(sae=str(sae_dir)), p, partial))
+    merge_dir = stage("merge", lambda p, partial: merge(MergeConfig(adapter=str(tune_dir)), p, resume=partial))
+    models = {"base": base_dir, "source": source_dir, "SAE-tuned": merge_dir}
+    if cfg.controls:
+        for name, dataset in (("control-sft", "toy"), ("control-cotfree", "toy-cotfree")):
+            c = tune_cfg(sae="", loss="ce", dataset=dataset)
+            models[name] = stage(name, lambda p, partial, c=c: tuned(c, p, partial))
+
+    accuracy: dict[str, dict[str, Any]] = {}
+    for label, model_dir in models.items():
+        ecfg = EvalConfig(model=str(model_dir), label=label, benchmarks=["toy"], temperature=0.0,
+                          toy_problems=cfg.eval_problems, seed=cfg.seed + 12345, progress=cfg.progress)
+        d = stage(f"eval/{label}", lambda p, partial, e=ecfg: run_eval(e, p, resume=partial))
+        r = json.loads((d / "eval" / "results.json").read_text())["toy"]
+        accuracy[label] = {"accuracy": r["pass@1"], "ci95": r.get("ci95"), "n": r["n"]}
+
+    if cfg.features:
+        from .analysis.features import FeaturesConfig, features
+        fcfg = FeaturesConfig(sae=str(sae_dir), model=str(source_model), max_examples=600, n_tokens=16384,
+                              progress=cfg.progress)
+        stage("features", lambda p, partial: features(fcfg, p, resume=partial))
+
+    sae_results = json.loads((sae_dir / "results.json").read_text())
+    r = next(iter(sae_results.values()))
+    tune_res = json.loads((tune_dir / "results.json").read_text())
     cache_summary = json.loads((cache_dir / "manifest.json").read_text()).get("summary", {})
+    cost = {}
+    for p in sorted(parent.rglob("manifest.json")):
+        m = json.loads(p.read_text())
+        cost[str(p.parent.relative_to(parent))] = m.get("estimated_cost_usd", 0.0)
     summary = {
-        "toy_accuracy": accuracy, "cache_tokens": cache_summary.get("n_tokens"),
-        "cache_bytes_per_token": cache_summary.get("bytes_per_token"),
+        "accuracy": accuracy, "toy_accuracy": accuracy["base"]["accuracy"],
+        "cache_tokens": cache_summary.get("n_tokens"), "cache_bytes_per_token": cache_summary.get("bytes_per_token"),
         "sae": {k: r.get(k) for k in ("hook", "d_sae", "k", "fvu", "l0", "dead_frac", "ce_clean", "ce_spliced",
                                       "ce_zero", "ce_loss_recovered", "kl_spliced", "train_tokens")},
-        "seconds": times, "total_seconds": round(sum(times.values()), 2),
-        "stages": {"toy-base": str(toy_dir), "cache": str(cache_dir), "sae": str(sae_dir)},
+        "tune": {k: tune_res.get(k) for k in ("steps", "tokens", "eval_loss_before", "eval_loss_after", "final_fvu",
+                                              "tokens_per_s", "lora_layers")},
+        "seconds": times, "total_seconds": round(sum(times.values()), 2), "cost_usd": cost,
+        "stages": {name: str(parent / name) for name in times},
     }
     atomic_write_json(parent / "summary.json", summary)
     print(format_table(summary))
@@ -129,19 +181,24 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     return summary
 
 
+SOURCE_BUILD = dict(steps=200, lr=1e-3, warmup_steps=20)  # the base trained further: the demo's stronger source
+
+
 def format_table(s: dict) -> str:
-    sae = s["sae"]
-    rows = [
-        ("toy base greedy accuracy", f"{s['toy_accuracy']:.1%}"),
-        ("activations cached", f"{s['cache_tokens']:,} tokens, {s['cache_bytes_per_token']:.0f} B/token"),
+    sae, tu = s["sae"], s["tune"]
+    rows = []
+    for label, a in s["accuracy"].items():
+        ci = a.get("ci95") or [float("nan"), float("nan")]
+        rows.append((f"accuracy: {label}", f"{a['accuracy']:.1%}  (95% CI {ci[0]:.1%}–{ci[1]:.1%}, n {a['n']})"))
+    rows += [
+        ("activations cached (source)", f"{s['cache_tokens']:,} tokens, {s['cache_bytes_per_token']:.0f} B/token"),
         ("SAE", f"{sae['hook']}, d_sae {sae['d_sae']}, k {sae['k']}, {sae['train_tokens']:,} tokens"),
-        ("FVU (held-out)", f"{sae['fvu']:.4f}"),
-        ("L0", f"{sae['l0']:.1f}"),
-        ("dead fraction", f"{sae['dead_frac']:.3f}"),
-        ("CE clean / spliced / zero", f"{sae['ce_clean']:.3f} / {sae['ce_spliced']:.3f} / {sae['ce_zero']:.3f}"),
-        ("CE loss recovered", f"{sae['ce_loss_recovered']:.3f}"),
-        ("KL(clean ‖ spliced)", f"{sae['kl_spliced']:.4f} nats/token"),
-    ] + [(f"time: {k}", f"{v:.1f} s") for k, v in s["seconds"].items()] + [("time: total", f"{s['total_seconds']:.1f} s")]
+        ("SAE FVU / L0 / dead", f"{sae['fvu']:.4f} / {sae['l0']:.1f} / {sae['dead_frac']:.3f}"),
+        ("SAE CE loss recovered", f"{sae['ce_loss_recovered']:.3f}"),
+        ("SAE-Tuning held-out KL", f"{tu['eval_loss_before']:.3f} → {tu['eval_loss_after']:.3f} per sequence "
+                                   f"({tu['steps']} steps, FVU in the base {tu['final_fvu']:.3f})"),
+    ] + [(f"time: {k}", f"{v:.1f} s, ${s['cost_usd'].get(k, 0.0):.2f}") for k, v in s["seconds"].items()] + [
+        ("time: total", f"{s['total_seconds']:.1f} s")]
     w = max(len(a) for a, _ in rows)
-    line = "-" * (w + 40)
+    line = "-" * (w + 50)
     return "\n".join([line] + [f"{a:<{w}}  {b}" for a, b in rows] + [line])

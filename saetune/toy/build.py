@@ -179,7 +179,7 @@ def evaluate_toy(model, tokenizer, n: int, seed: int, batch_size: int = 64) -> f
 
 # ---- the build --------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     old = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -248,7 +248,7 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path | None, resume: bool = False,
 
     run = RunDir.open(out, "toy", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed)
     try:
-        with _torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             from .model import build_model  # transformers loads only when a build runs
             from .tokenizer import build_tokenizer
