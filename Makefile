@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: demo test venv bench
+.PHONY: demo test venv bench chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +29,12 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/saetune demo $(ARGS)
 
-test: $(VENV)/.installed
+# The explorer's browser test drives Debian's chromium through Playwright; install it when missing.
+chromium:
+	@test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+test: $(VENV)/.installed chromium
 	TRITON_INTERPRET=1 SPARSIFY_DISABLE_TRITON=1 $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 bench: $(VENV)/.installed

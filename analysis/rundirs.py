@@ -221,7 +221,9 @@ def find_saes(path: str | Path, hooks: list[str] | None = None) -> tuple[dict[st
     if (p / "manifest.json").exists() and (p / "sae").is_dir():
         run, p = p, p / "sae"
     if (p / "cfg.json").exists():
-        cfg = json.loads((p / "cfg.json").read_text())
+        cfg = read_json(p / "cfg.json")
+        if not isinstance(cfg, dict):
+            raise SaetuneError(f"{str(p / 'cfg.json')!r} is not valid JSON (is the SAE still being written?)")
         name = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or p.name
         found = {name: p}
     else:
@@ -244,7 +246,8 @@ def recorded_model(sae_dirs: dict[str, Path], run: Path | None) -> str:
     if run is not None:
         candidates.append(((read_config(run) or {}).get("model"), run))
     for d in sae_dirs.values():
-        meta = (json.loads((d / "cfg.json").read_text()).get("metadata") or {})
+        cfg = read_json(d / "cfg.json")
+        meta = (cfg.get("metadata") or {}) if isinstance(cfg, dict) else {}
         candidates.append((meta.get("model_name"), d))
     for rec, where in candidates:
         if rec == "toy":

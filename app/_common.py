@@ -114,7 +114,7 @@ def find_sae_and_model(d: rundirs.Discovery) -> tuple[str, str, str] | None:
                 saes, run = find_saes(r.path)
                 hook, path = next(iter(saes.items()))
                 return recorded_model(saes, run), str(path), hook
-            except SaetuneError:
+            except (SaetuneError, OSError, ValueError):
                 continue
     return None
 

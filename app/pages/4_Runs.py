@@ -19,7 +19,7 @@ if d is not None:
         if not keys:
             st.info("The chosen runs logged no metrics (metrics.jsonl) yet.")
         else:
-            picked = st.multiselect("metrics", keys, default=keys[:6], key="metrics")
+            picked = st.multiselect("metrics", keys, default=keys[:6], key="metrics:" + ",".join(chosen))
             x = st.radio("x axis", ["step", "tokens"], horizontal=True, key="x")
             st.plotly_chart(plots.training_curves(runs, picked, x=x), key="curves")
         st.subheader("configs side by side")
