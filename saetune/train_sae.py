@@ -33,6 +33,7 @@ from .metrics import fvu as fvu_of, l0 as l0_of, mse as mse_of, total_variance
 from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free, load_optimizer, save_optimizer
 from .runs import RunDir
 from .sae import ARCHITECTURES, SAE, SAEConfig, _StepL0
+from saetune.kernels import sae_update
 
 STAGE = "train-sae"
 
@@ -132,7 +133,8 @@ class SAETrainer:
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(loss, metric tensors, fired-latent mask) for a batch x [B, d_in]."""
-        from saetune.kernels.topk_sae import sparse_decode, topk_encode, topk_sae
+        # Triton kernels on CUDA, the plain-torch ops elsewhere (saetune.kernels.dispatch; SAETUNE_KERNELS forces)
+        from saetune.kernels import batch_topk, sparse_decode, topk_autoencode, topk_encode
         sae, cfg = self.sae, self.cfg
         arch = sae.cfg.architecture
         m: dict[str, torch.Tensor] = {}
@@ -144,7 +146,7 @@ class SAETrainer:
                 v, i, va, ia = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k, dead, self.k_aux)
                 x_hat = sparse_decode(v, i, sae.W_dec) + sae.b_dec
             else:  # one autograd node for the whole SAE: the backward sorts the latents once
-                x_hat, v, i = topk_sae(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k)
+                x_hat, v, i = topk_autoencode(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k)
             sq = (x_hat.float() - x).pow(2).sum()
             f = loss = sq / total_variance(x).clamp_min(1e-12)
             pos = (v.detach() > 0).to(torch.uint8)
@@ -163,7 +165,7 @@ class SAETrainer:
         else:
             pre = sae.pre_acts(x)
             if arch == "batchtopk":
-                acts = sae.batch_topk(pre)
+                acts = batch_topk(pre, sae.cfg.k)
             elif arch == "standard":
                 acts = pre.relu()
             else:
@@ -193,12 +195,9 @@ class SAETrainer:
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss, m, fired = self.loss(x)
         loss.backward()
-        if self.renorm:
-            self.sae.remove_gradient_parallel_to_decoder_directions()
-        self.opt.step()
+        # parallel-gradient removal, optimiser step, unit-norm decoder rows: one fused pass on CUDA
+        sae_update(self.opt, self.sae, self.renorm)
         self.opt.zero_grad(set_to_none=True)
-        if self.renorm:
-            self.sae.set_decoder_norm_to_unit_norm()
         if self.sae.cfg.architecture == "jumprelu":
             with torch.no_grad():
                 self.sae.threshold.clamp_(min=1e-6)

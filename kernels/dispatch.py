@@ -1,0 +1,144 @@
+"""Which implementation of a kernel op runs: Triton on CUDA, plain torch elsewhere.
+
+``SAETUNE_KERNELS`` forces one, and is read at every call (not only at import)::
+
+    SAETUNE_KERNELS=torch    always the plain-torch reference path
+    SAETUNE_KERNELS=triton   always the Triton kernels; on CPU tensors this needs
+                             TRITON_INTERPRET=1 set before triton is first imported
+    unset / "auto"           Triton for CUDA tensors when triton imports, torch otherwise
+
+The CPU default stays torch even under ``TRITON_INTERPRET=1`` (the interpreter is orders of
+magnitude slower); tests force the Triton path with ``SAETUNE_KERNELS=triton``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from saetune.errors import SaetuneError
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def requested() -> str:
+    """The backend ``SAETUNE_KERNELS`` asks for, checked."""
+    v = os.environ.get("SAETUNE_KERNELS", "auto").strip().lower() or "auto"
+    if v not in BACKENDS:
+        raise SaetuneError(f"SAETUNE_KERNELS={v!r} is not a kernel backend; valid: {', '.join(BACKENDS)}")
+    return v
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op on ``tensors`` takes the Triton path (see the module docstring)."""
+    want = requested()
+    if want == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if want == "auto":
+        return on_cuda and triton_available()
+    if not triton_available():
+        raise SaetuneError("SAETUNE_KERNELS=triton but triton cannot be imported; install triton or unset "
+                           "SAETUNE_KERNELS")
+    if not on_cuda and not interpreting():
+        raise SaetuneError("SAETUNE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1, set before triton is "
+                           "first imported (the kernels then run in Triton's interpreter, slowly)")
+    return True
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer a kernel must fill completely.
+
+    With ``SAETUNE_POISON=1`` (tests) it is filled with NaN (floats) or -7 (ints) instead of left
+    uninitialised, so an element a kernel forgets to write makes a comparison fail.
+    """
+    if os.environ.get("SAETUNE_POISON", "0") not in ("", "0"):
+        fill = float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---- the public ops: one signature, the path chosen per call -----------------------------------
+
+def topk_autoencode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x̂, v, i of a TopK SAE in one autograd node (``topk_sae.TopKSAE`` / ``triton_sparse.TopKSAETriton``)."""
+    if use_triton(x, W_enc, W_dec):
+        from .triton_sparse import TopKSAETriton
+        return TopKSAETriton.apply(x, W_enc, b_enc, W_dec, b_dec, k)
+    from .topk_sae import TopKSAE
+    return TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k)
+
+
+def topk_encode(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                aux_mask: torch.Tensor | None = None, k_aux: int = 0):
+    """(v, i, v_aux, i_aux): top-k encoder with sparse backward and the AuxK selection among ``aux_mask``."""
+    if use_triton(x_in, W_enc):
+        from .triton_sparse import TopKEncodeTriton
+        return TopKEncodeTriton.apply(x_in, W_enc, b_enc, k, aux_mask, k_aux)
+    from .topk_sae import topk_encode as torch_encode
+    return torch_encode(x_in, W_enc, b_enc, k, aux_mask, k_aux)
+
+
+def sparse_decode(v: torch.Tensor, i: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Σ_j v[b,j] · W_dec[i[b,j]] → (B, d), without b_dec; backward from the k active rows only."""
+    if use_triton(v, W_dec):
+        from .triton_sparse import SparseDecodeTriton
+        return SparseDecodeTriton.apply(v, i, W_dec)
+    from .topk_sae import SparseDecode
+    return SparseDecode.apply(v, i, W_dec)
+
+
+def topk_select(pre: torch.Tensor, k: int, aux_mask: torch.Tensor | None = None, k_aux: int = 0):
+    """(v, i, v_aux, i_aux): ReLU'd top-k per row of ``pre`` (B, n) and the AuxK top among ``aux_mask``."""
+    if use_triton(pre):
+        from .triton_topk import topk_select_triton
+        return topk_select_triton(pre, k, aux_mask, k_aux)
+    from .triton_topk import topk_select_torch
+    return topk_select_torch(pre, k, aux_mask, k_aux)
+
+
+def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """BatchTopK activations through one global threshold (``triton_topk.batch_topk``)."""
+    if use_triton(pre):
+        from .triton_topk import batch_topk as bt
+        return bt(pre, k, use_triton=True)
+    # the torch path keeps exactly k·B (flat top-k), as SAE.batch_topk always did
+    flat = pre.relu().reshape(-1)
+    keep = min(k * (pre.numel() // pre.shape[-1]), flat.numel())
+    v, i = flat.topk(keep, sorted=False)
+    return torch.zeros_like(flat).scatter(0, i, v).reshape(pre.shape)
+
+
+def sae_update(opt, sae, renorm: bool) -> None:
+    """Optimiser step with decoder upkeep: one fused Triton pass, or the three torch sweeps."""
+    if use_triton(sae.W_dec):
+        from .triton_optim import sae_update_triton
+        sae_update_triton(opt, sae, renorm)
+        return
+    if renorm:
+        sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    if renorm:
+        sae.set_decoder_norm_to_unit_norm()

@@ -1,0 +1,75 @@
+"""Dispatch (SAETUNE_KERNELS read per call, torch default on CPU) and the whole SAE training step with
+the Triton kernels on vs off: the same loss curve."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported: kernels run on the CPU
+
+import pytest
+import torch
+
+from saetune.errors import SaetuneError
+from saetune.kernels import dispatch
+from saetune.kernels.dispatch import interpreting
+
+TRITON_OK = (interpreting() or torch.cuda.is_available()) and dispatch.triton_available()
+DEV = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+
+
+def test_backend_is_read_at_call_time(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.delenv("SAETUNE_KERNELS", raising=False)
+    assert dispatch.use_triton(x) == (x.is_cuda and dispatch.triton_available())  # CPU default: torch
+    monkeypatch.setenv("SAETUNE_KERNELS", "torch")
+    assert not dispatch.use_triton(x)
+    monkeypatch.setenv("SAETUNE_KERNELS", "nonsense")
+    with pytest.raises(SaetuneError, match="SAETUNE_KERNELS"):
+        dispatch.use_triton(x)
+    if TRITON_OK:
+        monkeypatch.setenv("SAETUNE_KERNELS", "triton")
+        assert dispatch.use_triton(x)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        if not x.is_cuda:
+            with pytest.raises(SaetuneError, match="TRITON_INTERPRET"):
+                dispatch.use_triton(x)
+
+
+def test_cpu_default_does_not_import_triton_kernels():
+    import subprocess
+    import sys
+    code = ("import sys, torch; from saetune.sae import SAE, SAEConfig; from saetune.train_sae import SAETrainer, "
+            "TrainSAEConfig; t = SAETrainer('a', SAE(SAEConfig(4, 9, k=2), seed=0), TrainSAEConfig(d_sae=[9], k=[2]), "
+            "'cpu'); t.step(torch.randn(5, 4), None); print(any(m.startswith('saetune.kernels.triton') for m in "
+            "sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "SAETUNE_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _curve(mode, arch, optimizer, auxk, monkeypatch, steps=4):
+    from saetune.sae import SAE, SAEConfig
+    from saetune.train_sae import SAETrainer, TrainSAEConfig
+    monkeypatch.setenv("SAETUNE_KERNELS", mode)
+    d, n, k = 7, 19, 3
+    cfg = TrainSAEConfig(d_sae=[n], k=[k], optimizer=optimizer, architecture=arch, auxk_coef=auxk, auxk_k=4,
+                         dead_tokens=6, lr=2e-2)
+    t = SAETrainer("s", SAE(SAEConfig(d, n, k=k, architecture=arch), seed=1).to(DEV), cfg, DEV)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(6, d, generator=g).to(DEV) for _ in range(steps)]
+    out = []
+    for x in xs:
+        m = t.step(x, None)
+        out.append([float(m[key]) for key in ("loss", "fvu", "l0")])
+    return torch.tensor(out), {name: p.detach().clone() for name, p in t.sae.named_parameters()}
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("arch,optimizer,auxk", [("topk", "adam", 0.0), ("topk", "signum_sf", 0.0),
+                                                 ("topk", "adam", 1 / 32), ("batchtopk", "signum_sf", 0.0)])
+def test_training_step_kernels_on_vs_off(arch, optimizer, auxk, monkeypatch):
+    monkeypatch.setenv("SAETUNE_POISON", "1")
+    on, p_on = _curve("triton", arch, optimizer, auxk, monkeypatch)
+    off, p_off = _curve("torch", arch, optimizer, auxk, monkeypatch)
+    assert torch.allclose(on, off, atol=1e-5, rtol=1e-4), (on, off)
+    for name in p_off:
+        assert torch.allclose(p_on[name], p_off[name], atol=1e-5, rtol=1e-4), name
