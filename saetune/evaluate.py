@@ -1,36 +1,24 @@
-"""Evaluating reasoning models on math benchmarks: grading, pass@k, the eval stage, comparisons.
+"""Evaluating reasoning models on math benchmarks: benchmarks, the eval stage, comparisons.
 
-The pure core, testable without a model:
-
-- :func:`extract_graded_text` / :func:`last_boxed` — what part of a response is graded;
-- :func:`is_correct` — math-verify grading with a bounded run time, safe from any thread;
-  :func:`gold_parses` — whether a gold answer parses at all;
-- :func:`pass_at_k`, :func:`avg_at_k`, :func:`summarize` — the numbers in ``eval/results.json``;
 - :func:`load_benchmark`, :func:`resolve_benchmark` — ``problem``/``answer`` rows from a local
-  file, a known name (:data:`KNOWN_BENCHMARKS`) or a HF dataset id.
+  file, a known name (:data:`KNOWN_BENCHMARKS`) or a HF dataset id;
+- the stage (``saetune eval``): :class:`EvalConfig` and :func:`run`, which samples through a
+  backend of :mod:`saetune.generation`, grades, and writes ``eval/results.json`` and
+  ``eval/samples.jsonl`` into a run dir (resumable per batch);
+- :func:`compare` and :func:`format_table` put several eval runs side by side (base / source /
+  SAE-tuned / controls).
 
-The stage (``saetune eval``): :class:`EvalConfig` and :func:`run`, which samples through a
-backend of :mod:`saetune.generation`, grades, and writes ``eval/results.json`` and
-``eval/samples.jsonl`` into a run dir (resumable per batch); :func:`compare` and
-:func:`format_table` put several eval runs side by side (base / source / SAE-tuned / controls).
-
-Grading rules (SPEC_RL, "Grading math answers"): grade the response only, never the prompt (the
-prompt itself asks for ``\\boxed{}``); after ``</think>`` when present; only the last
-brace-matched ``\\boxed{...}`` (two boxes parsed together become a set and fail against a single
-gold); ``verify(parse(gold), parse(pred))`` with the gold first, because math-verify is
-asymmetric (gold ``x<2`` accepts ``(-\\infty, 2)``, not the other way round).
+Grading lives in :mod:`saetune.grading` (:func:`is_correct`, :func:`gold_parses`, what part of a
+response is graded) and the numbers in :mod:`saetune.scoring` (:func:`pass_at_k`,
+:func:`avg_at_k`, :func:`summarize`); both are re-exported here, so
+``from saetune.evaluate import is_correct, pass_at_k`` keeps working.
 """
 
 from __future__ import annotations
 
-import atexit
-import concurrent.futures as cf
 import json
 import math
-import multiprocessing
 import os
-import re
-import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,362 +26,14 @@ from typing import Any, Literal, Sequence
 
 from .config import opt
 from .errors import SaetuneError
+from .grading import Grader, extract_graded_text, gold_parses, is_correct, last_answer_tag, last_boxed, normalize_answer
+from .scoring import avg_at_k, default_ks, pass_at_k, summarize
 
 __all__ = [
     "extract_graded_text", "last_boxed", "last_answer_tag", "normalize_answer", "is_correct", "gold_parses",
     "pass_at_k", "avg_at_k", "summarize", "load_benchmark", "resolve_benchmark", "KNOWN_BENCHMARKS",
     "EvalConfig", "resolve_model", "run", "read_samples", "compare", "format_table",
 ]
-
-# --------------------------------------------------------------------------------------------
-# What is graded
-# --------------------------------------------------------------------------------------------
-
-_THINK_END = "</think>"
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-
-
-def extract_graded_text(response: str) -> str:
-    """The part of a response that is graded: the text after the last ``</think>``, else all of it.
-
-    Pass the model's response only — never prompt + response.
-    """
-    i = response.rfind(_THINK_END)
-    return response if i < 0 else response[i + len(_THINK_END):]
-
-
-def _match_brace(text: str, open_idx: int) -> int:
-    """Index of the ``}`` closing the ``{`` at ``open_idx``, or -1; ``\\{`` / ``\\}`` are skipped."""
-    depth = 0
-    i = open_idx
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # an escaped char (\{, \}, \\) never opens or closes a group
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return -1
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last brace-matched ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\boxed {...}``).
-
-    Braces nest (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``). "Last" is by start position
-    among the boxes whose brace closes, so an unclosed trailing box (a truncated response) is
-    ignored, and for ``\\boxed{\\boxed{1}}`` the inner ``1`` is returned. ``None`` if there is no
-    closed box.
-    """
-    best = None
-    for m in _BOX_RE.finditer(text):
-        open_idx = m.end() - 1
-        close = _match_brace(text, open_idx)
-        if close >= 0:
-            best = text[open_idx + 1:close]
-    return best
-
-
-def last_answer_tag(text: str) -> str | None:
-    """Content of the last ``<answer> ... </answer>`` with a leading ``Answer:`` removed, or ``None``."""
-    tags = _ANSWER_TAG_RE.findall(text)
-    if not tags:
-        return None
-    content = re.sub(r"^\s*answer\s*:\s*", "", tags[-1], flags=re.IGNORECASE).strip()
-    return content or None
-
-
-def _prediction(response_text: str) -> str | None:
-    """The predicted answer string: last box of the graded text, else the last answer tag."""
-    graded = extract_graded_text(response_text)
-    boxed = last_boxed(graded)
-    if boxed is not None and boxed.strip():
-        return boxed.strip()
-    return last_answer_tag(graded)
-
-
-# --------------------------------------------------------------------------------------------
-# DeepScaleR-style string fallback
-# --------------------------------------------------------------------------------------------
-
-_TEXT_WRAP_RE = re.compile(r"^\\(?:text|textbf|mathrm|mbox)\{(.*)\}$", re.DOTALL)
-
-
-def normalize_answer(s: str) -> str:
-    """Normalised answer string for the DeepScaleR-style fallback match.
-
-    Removes dollar signs, ``\\left``/``\\right``, ``\\!``, degree marks (``^\\circ``,
-    ``^{\\circ}``), a whole-answer ``\\text{...}`` wrapper, all whitespace and a trailing ``.``.
-    """
-    s = str(s).strip().replace("$", "")
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "")
-    s = s.strip()
-    m = _TEXT_WRAP_RE.match(s)
-    if m and _match_brace(s, s.index("{")) == len(s) - 1:  # only if the wrapper spans the answer
-        s = m.group(1)
-    s = re.sub(r"\s+", "", s)
-    return s.rstrip(".")
-
-
-# --------------------------------------------------------------------------------------------
-# math-verify grading with a bounded run time
-# --------------------------------------------------------------------------------------------
-
-def _wrap_gold(gold: str) -> str:
-    """``$gold$``: bare LaTeX like ``\\left( 3, \\frac{\\pi}{2} \\right)`` otherwise parses to ``3``."""
-    g = gold.strip()
-    if len(g) >= 2 and g.startswith("$") and g.endswith("$"):
-        g = g.strip("$").strip()
-    return f"${g}$"
-
-
-def _grade(pred: str, gold: str, timeout_s: int | None) -> bool:
-    """math-verify, gold first; with ``timeout_s`` only in a main thread (its timeouts use signals).
-
-    Any exception (parse failure, timeout, sympy error) counts as incorrect.
-    """
-    from math_verify import parse, verify
-
-    try:
-        gold_parsed = parse(_wrap_gold(gold), parsing_timeout=timeout_s)
-        pred_parsed = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout_s)
-        if not gold_parsed or not pred_parsed:
-            return False
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
-    except Exception:
-        return False
-
-
-_POOL: cf.ProcessPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-_POOL_START_TIMEOUT_S = 120.0  # a fresh spawned worker imports sympy + math-verify
-
-
-def _ping() -> bool:
-    import math_verify  # noqa: F401  (warms the worker's imports)
-    return True
-
-
-def _get_pool() -> cf.ProcessPoolExecutor:
-    """The module's grading pool: one spawned worker, created on first use from a non-main thread.
-
-    ``spawn`` (not ``fork``): forking a process that runs other threads (Streamlit) can deadlock.
-    """
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            pool.submit(_ping).result(timeout=_POOL_START_TIMEOUT_S)
-            _POOL = pool
-            atexit.register(_shutdown_pool)
-        return _POOL
-
-
-def _shutdown_pool() -> None:
-    """At exit: stop the worker before the interpreter tears down the executor's module globals."""
-    global _POOL
-    with _POOL_LOCK:
-        pool, _POOL = _POOL, None
-    if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
-    """Drop a pool whose worker overran its time, killing the worker so it cannot pile up."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is pool:
-            _POOL = None
-    for p in list(getattr(pool, "_processes", {}).values()):  # no public API to kill workers
-        p.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _grade_bounded(pred: str, gold: str, timeout_s: float) -> bool:
-    """Grade in this thread if it is the main thread, else in the worker process; never hang."""
-    t = max(1, math.ceil(timeout_s))  # math-verify takes whole seconds
-    if threading.current_thread() is threading.main_thread():
-        return _grade(pred, gold, t)
-    try:
-        pool = _get_pool()
-    except Exception as e:
-        raise SaetuneError(
-            f"could not start the grading worker process ({type(e).__name__}: {e}); grading outside the "
-            "main thread needs one (math-verify's timeouts fail in threads). Run from a script file "
-            "whose top-level code is under `if __name__ == '__main__':`, or grade in the main thread") from e
-    fut = pool.submit(_grade, pred, gold, t)
-    try:
-        # parse(gold) + parse(pred) + verify are each bounded by t inside the worker; margin for IPC.
-        return bool(fut.result(timeout=3 * t + 5))
-    except cf.TimeoutError:
-        _kill_pool(pool)
-        return False
-    except cf.process.BrokenProcessPool as e:
-        _kill_pool(pool)
-        raise SaetuneError(f"the grading worker process died while grading {pred!r} against {gold!r}") from e
-
-
-def is_correct(response_text: str, gold_answer: Any, timeout_s: float = 5) -> bool:
-    """Whether a model response's final answer equals the gold answer.
-
-    1. Graded text: after the last ``</think>`` of the response (:func:`extract_graded_text`).
-    2. Prediction: the last brace-matched ``\\boxed{...}``, else the last ``<answer>...</answer>``
-       (leading ``Answer:`` stripped); none -> ``False``.
-    3. ``verify(parse("$gold$"), parse("\\boxed{pred}"))`` — gold first (math-verify is
-       asymmetric). Each parse/verify is bounded by ``timeout_s`` seconds (rounded up): through
-       math-verify's signal timeouts in the main thread, in a spawned worker process from any
-       other thread (math-verify's timeouts fail in threads). Errors and timeouts -> ``False``.
-    4. DeepScaleR-style fallback when math-verify says no: the normalised strings are equal
-       (:func:`normalize_answer`) — catches text answers math-verify cannot parse.
-    """
-    if timeout_s is None or not timeout_s > 0:
-        raise SaetuneError(f"timeout_s={timeout_s!r}; it must be a positive number of seconds")
-    if not isinstance(response_text, str):
-        raise SaetuneError(f"response_text must be a string, got {type(response_text).__name__}")
-    pred = _prediction(response_text)
-    if pred is None or gold_answer is None:
-        return False
-    gold = str(gold_answer).strip()
-    if not gold:
-        return False
-    if _grade_bounded(pred, gold, timeout_s):
-        return True
-    norm_pred = normalize_answer(pred)
-    return bool(norm_pred) and norm_pred == normalize_answer(gold)
-
-
-# --------------------------------------------------------------------------------------------
-# pass@k and the results layout
-# --------------------------------------------------------------------------------------------
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k for one problem with ``n`` samples of which ``c`` are correct.
-
-    pass@k = 1 − C(n−c, k) / C(n, k) = 1 − Π_{i=n−c+1}^{n} (1 − k/i)   (Chen et al. 2021,
-    HumanEval), the product form being numerically stable; 1.0 when c ≥ n − k + 1 (every
-    k-subset holds a correct sample).
-    """
-    for name, v in (("n", n), ("c", c), ("k", k)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise SaetuneError(f"pass_at_k: {name}={v!r} must be an int")
-    if n < 1:
-        raise SaetuneError(f"pass_at_k: n={n} samples; need n >= 1")
-    if not 0 <= c <= n:
-        raise SaetuneError(f"pass_at_k: c={c} correct out of n={n}; need 0 <= c <= n")
-    if not 1 <= k <= n:
-        raise SaetuneError(f"pass_at_k: k={k} with n={n} samples; need 1 <= k <= n")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
-
-
-def _check_matrix(correct: Sequence[Sequence[bool]]) -> int:
-    """Samples per problem of a rectangular, non-empty correctness matrix."""
-    if len(correct) == 0:
-        raise SaetuneError("no problems to score: the correctness matrix is empty")
-    lengths = sorted({len(row) for row in correct})
-    if len(lengths) != 1:
-        raise SaetuneError(f"every problem needs the same number of samples; got row lengths {lengths}")
-    if lengths[0] == 0:
-        raise SaetuneError("every problem needs at least one sample; got rows of length 0")
-    return lengths[0]
-
-
-def avg_at_k(correct_matrix: Sequence[Sequence[bool]]) -> float:
-    """avg@k = (1/P) Σ_p (1/k) Σ_j correct[p][j]: mean accuracy over all k samples per problem."""
-    k = _check_matrix(correct_matrix)
-    return sum(sum(bool(x) for x in row) for row in correct_matrix) / (k * len(correct_matrix))
-
-
-def _default_ks(n: int) -> list[int]:
-    ks, k = [], 1
-    while k <= n:
-        ks.append(k)
-        k *= 4
-    return ks
-
-
-def summarize(correct: Sequence[Sequence[bool]], ks: Sequence[int] | None = None,
-              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """One benchmark's entry of ``eval/results.json`` from ``correct[problem][sample]``.
-
-    Returns ``{"n": problems, "samples_per_problem": s, "pass@1": …, "avg@k": …,
-    "pass@k": {"1": …, "4": …}, "ci95": [lo, hi]}``. pass@k is :func:`pass_at_k` averaged over
-    problems; ``ks`` defaults to 1, 4, 16, … up to ``s``; the ``pass@k`` keys are strings so the
-    dict is the same after a JSON round trip. ``ci95`` is the 2.5/97.5 percentile interval of
-    pass@1 over ``n_boot`` bootstrap resamples of the problems (seeded by ``seed``).
-    """
-    import numpy as np
-
-    s = _check_matrix(correct)
-    ks = _default_ks(s) if ks is None else list(ks)
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s:
-            raise SaetuneError(f"pass@k: k={k!r} is not valid with {s} samples per problem; need 1 <= k <= {s}")
-    if n_boot < 1:
-        raise SaetuneError(f"n_boot={n_boot}; need at least 1 bootstrap resample")
-    counts = [sum(bool(x) for x in row) for row in correct]
-    pass_k = {str(k): float(np.mean([pass_at_k(s, c, k) for c in counts])) for k in ks}
-    per_problem = np.asarray(counts, dtype=float) / s  # pass@1 of each problem = c/s
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per_problem), size=(n_boot, len(per_problem)))
-    boot = per_problem[idx].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {
-        "n": len(correct),
-        "samples_per_problem": s,
-        "pass@1": float(per_problem.mean()),
-        "avg@k": avg_at_k(correct),
-        "pass@k": pass_k,
-        "ci95": [float(lo), float(hi)],
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Gold answers
-# --------------------------------------------------------------------------------------------
-
-def _parse_gold(gold: str, timeout_s: int | None) -> bool:
-    """Whether math-verify reads anything but the raw string back from ``$gold$``."""
-    from math_verify import parse
-
-    try:
-        parsed = parse(_wrap_gold(gold), parsing_timeout=timeout_s)
-    except Exception:
-        return False
-    return any(not isinstance(x, str) for x in parsed)  # unparsable LaTeX comes back as its own text
-
-
-def gold_parses(gold_answer: Any, timeout_s: float = 5) -> bool:
-    """Whether math-verify can parse a gold answer (wrapped in ``$…$``) into an expression.
-
-    An empty gold, or one math-verify returns only as raw text (e.g. ``\\frac{``), is
-    unparsable: such a problem can still be graded by the string fallback of :func:`is_correct`,
-    but an evaluation reports and counts it. Bounded like :func:`is_correct`.
-    """
-    gold = "" if gold_answer is None else str(gold_answer).strip()
-    if not gold:
-        return False
-    t = max(1, math.ceil(timeout_s))
-    if threading.current_thread() is threading.main_thread():
-        return _parse_gold(gold, t)
-    pool = _get_pool()
-    fut = pool.submit(_parse_gold, gold, t)
-    try:
-        return bool(fut.result(timeout=t + 5))
-    except cf.TimeoutError:
-        _kill_pool(pool)
-        return False
-
 
 # --------------------------------------------------------------------------------------------
 # Benchmarks
@@ -721,41 +361,6 @@ def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
-def _grade_one(text: str, gold: str, timeout_s: float) -> bool:
-    return is_correct(text, gold, timeout_s=timeout_s)
-
-
-def _gold_parses_one(gold: str, timeout_s: float) -> bool:
-    return gold_parses(gold, timeout_s)
-
-
-class _Grader:
-    """Runs a grading function over many items: here, or spread over ``workers`` spawned processes.
-
-    In a worker each call runs in that process's main thread, so math-verify's signal timeouts
-    bound it; never threads.
-    """
-
-    def __init__(self, workers: int, timeout_s: float):
-        self.timeout_s, self.workers = timeout_s, workers
-        self.pool = (cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-                     if workers else None)
-
-    def map(self, fn, *columns: list) -> list[bool]:
-        n = len(columns[0])
-        if self.pool is None:
-            return [bool(fn(*args, self.timeout_s)) for args in zip(*columns)]
-        try:
-            return [bool(x) for x in self.pool.map(fn, *columns, [self.timeout_s] * n,
-                                                     chunksize=max(1, n // (4 * self.workers)))]
-        except cf.process.BrokenProcessPool as e:
-            raise SaetuneError("a grading worker process died; rerun with --resume (finished samples are kept)") from e
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _sample_seed(seed: int, bench: str, problem: int, sample: int) -> int:
     return zlib.crc32(f"{seed}:{bench}:{problem}:{sample}".encode())
 
@@ -795,7 +400,7 @@ def _entry(bench: _Bench, rows: list[dict[str, Any]], cfg: EvalConfig, phases: d
         correct[r["problem_index"]][r["sample_index"]] = bool(r["correct"])
         tokens += int(r["n_tokens"])
         truncated += bool(r.get("truncated"))
-    ks = list(cfg.ks) or sorted(set(_default_ks(s)) | {s})
+    ks = list(cfg.ks) or sorted(set(default_ks(s)) | {s})
     entry = summarize(correct, ks=ks, n_boot=cfg.n_boot, seed=cfg.seed)
     gen_s = phases.get(f"generate:{bench.name}", 0.0)
     grade_s = phases.get(f"grade:{bench.name}", 0.0)
@@ -850,8 +455,8 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
     ``eval/results.json`` maps each benchmark to :func:`summarize`'s entry plus
     ``unparsable_gold`` (count) and throughput (``problems_per_s``, ``tokens_per_s``); the
     manifest records the same throughput, wall time per phase, GPU-hours and the cost at
-    ``cfg.gpu_hour_usd``. ``backend`` replaces the model loading (any object with the
-    :class:`saetune.generation.Backend` interface).
+    ``cfg.gpu_hour_usd`` ($SAETUNE_GPU_HOUR_USD overrides it). ``backend`` replaces the model
+    loading (any object with the :class:`saetune.generation.Backend` interface).
 
     Example — greedy accuracy of a toy model dir on 128 toy problems::
 
@@ -874,13 +479,14 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
                           resume_ignore=("progress", "label"))
     m = run_dir.manifest
     m["label"] = cfg.label
+    m["gpu_hour_usd"] = cfg.gpu_hour_usd  # finish() prices gpu_hours at it ($SAETUNE_GPU_HOUR_USD overrides)
     m["n_gpus"] = (cfg.tensor_parallel_size * cfg.data_parallel_size if cfg.backend == "vllm"
                    else int(device.startswith("cuda")))
     if where["run_dir"]:
         m["model_run"] = _model_provenance(Path(where["run_dir"]))
     batch = cfg.batch_size or (1024 if cfg.backend == "vllm" else 32)
     own_backend = backend is None
-    grader = _Grader(cfg.grade_workers, cfg.grade_timeout_s)
+    grader = Grader(cfg.grade_workers, cfg.grade_timeout_s)
     try:
         with run_dir.phase("load"):
             if own_backend:
@@ -909,9 +515,6 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
                                                       "grade_seconds")} for name, e in results.items()}
         run_dir.finish(results={n: {k: e[k] for k in ("n", "samples_per_problem", "pass@1", "avg@k", "ci95",
                                                       "unparsable_gold")} for n, e in results.items()})
-        m["gpu_hour_usd"] = cfg.gpu_hour_usd
-        m["estimated_cost_usd"] = round(m.get("gpu_hours", 0.0) * cfg.gpu_hour_usd, 4)
-        run_dir.write_manifest()
         return results
     except KeyboardInterrupt:
         run_dir.fail("interrupted")
@@ -926,7 +529,7 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
 
 
 def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list[dict[str, Any]], batch: int,
-                    counts: dict[str, int], grader: "_Grader") -> dict[str, Any]:
+                    counts: dict[str, int], grader: Grader) -> dict[str, Any]:
     """Sample, grade and record the samples of one benchmark that are not yet in the samples file."""
     from tqdm.auto import tqdm
 
@@ -947,12 +550,12 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
             return [task.is_correct(t, g) for t, g in zip(texts, golds)]
     else:
         def grade_all(texts: list[str], golds: list[str]) -> list[bool]:
-            return grader.map(_grade_one, texts, golds)
+            return grader.grade(texts, golds)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new,
                             stop_token_ids=stop)
     prompts = [render_prompt(tok, r["problem"], cfg.template) for r in b.rows]
     with run_dir.phase(f"grade:{b.name}"):
-        parses = [True] * len(b.rows) if b.toy else grader.map(_gold_parses_one, [r["answer"] for r in b.rows])
+        parses = [True] * len(b.rows) if b.toy else grader.gold_parses([r["answer"] for r in b.rows])
         unparsable = [i for i, ok in enumerate(parses) if not ok]
     # longest prompts first: a batch pads little, and a too-long prompt fails at once
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from saetune import evaluate as ev
 from saetune.errors import SaetuneError
-from saetune.evaluate import (avg_at_k, extract_graded_text, is_correct, last_boxed, load_benchmark,
-                              pass_at_k, summarize)
+from saetune.evaluate import load_benchmark
+from saetune.grading import extract_graded_text, is_correct, last_boxed
+from saetune.scoring import avg_at_k, pass_at_k, summarize
 
 AIME = Path(__file__).parent / "data" / "aime24.jsonl"
 
