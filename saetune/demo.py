@@ -81,6 +81,10 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     if overwrite and parent.exists():
         shutil.rmtree(parent)
     parent.mkdir(parents=True, exist_ok=True)
+    if not (parent / "config.yaml").exists():  # `saetune demo --resume DIR` reads it back
+        from .config import dump_yaml
+        from .io import atomic_write_text
+        atomic_write_text(parent / "config.yaml", dump_yaml(cfg))
     times: dict[str, float] = {}
 
     def stage(name: str, fn) -> Path:

@@ -477,7 +477,8 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         run.finish(results=results, train_seconds=round(train_seconds, 3), steps=total)
         results["wall_seconds"] = run.manifest["wall_seconds"]
         results["estimated_cost_usd"] = run.manifest["estimated_cost_usd"]
-        print(f"SAE-Tuning: {run.manifest['wall_seconds'] / 60:.1f} minutes, ${run.manifest['estimated_cost_usd']:.2f} "
+        what = "SAE-Tuning" if cfg.sae else "LoRA fine-tuning (no SAE)"
+        print(f"{what}: {run.manifest['wall_seconds'] / 60:.1f} minutes, ${run.manifest['estimated_cost_usd']:.2f} "
               f"({run.manifest['gpu_hours']:.3f} GPU-hours)")
         return results
     except KeyboardInterrupt:
