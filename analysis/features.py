@@ -34,6 +34,8 @@ On-disk layout (``<run>/features/``; :mod:`saetune.analysis.feature_data` reads 
               "act": its activation, "seq": chunk index, "pos": position in the chunk}
     features/<hook>/examples.index.npy   int64 [F + 1] byte offsets of each line (seek, read one)
     features/<hook>/tokens.json          {token id: text} for every id the files above use
+                                         (meta's ``token_separator`` goes between tokens: " " for
+                                         word-level tokenizers, "" for BPE)
     features/reasoning.json              think-token features per hook (see reasoning_features)
 """
 
@@ -120,6 +122,27 @@ def excluded_token_ids(tokenizer, extra: list[str] = ()) -> set[int]:
             tid = enc[0]
         ids.add(int(tid))
     return ids
+
+
+def token_separator(tokenizer, ids) -> str:
+    """What decoding puts between two tokens that per-token decoding loses: ``" "`` for word-level
+    tokenizers (the toy's), ``""`` for BPE ones, whose pieces carry their own spaces."""
+    ids = [int(i) for i in ids]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for a, b in zip(ids, ids[1:]):
+        if a in special or b in special:
+            continue
+        da, db, dab = tokenizer.decode([a]), tokenizer.decode([b]), tokenizer.decode([a, b])
+        if dab == da + " " + db and not db.startswith(" "):
+            return " "
+        return ""
+    return ""
+
+
+def token_texts(tokenizer, ids) -> list[str]:
+    """Each token's text such that joining them reads like the decoded text."""
+    sep = token_separator(tokenizer, ids)
+    return [(sep if i else "") + tokenizer.decode([int(t)]) for i, t in enumerate(ids)]
 
 
 # ---- the maths (pure numpy / torch) -------------------------------------------------------
@@ -377,6 +400,7 @@ def build_hook_features(cfg: FeaturesConfig, model, tokenizer, sae, hook: str, c
         "architecture": sae.cfg.architecture, "k": sae.cfg.k,
         "n_tokens": int(len(ids_flat)), "n_included_tokens": int(included.sum()), "context_size": int(T),
         "excluded_token_ids": sorted(excluded), "excluded_first_position": bool(cfg.exclude_special),
+        "token_separator": token_separator(tokenizer, ids_flat[:256].tolist()),
         "dead_features": int((st["count"] == 0).sum()),
         "settings": {k: getattr(cfg, k) for k in ("hist_bins", "n_top", "n_quantiles", "n_per_quantile",
                                                   "context_before", "context_after", "n_logits", "n_neighbours")},

@@ -33,7 +33,8 @@ def prompt_activations(model, tokenizer, sae, hook: str, text: str, top_n: int =
         logits = model(input_ids=x, use_cache=False).logits[0]  # [T, V]
     f = sae.to(device).encode(acts[hp.name][0].float()).float().cpu().numpy()  # [T, F]
     ent = token_entropy(logits.float()).cpu().numpy()  # [T]
-    tokens = [tokenizer.decode([i]) for i in ids]
+    from .features import token_texts
+    tokens = token_texts(tokenizer, ids)
     rows = []
     for t in range(len(ids)):
         top = np.argsort(-f[t], kind="stable")[:top_n]

@@ -23,7 +23,7 @@ def streamlit_command(host: str = "127.0.0.1", port: int = 8501) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(HOME),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--server.address", host, "--server.port", str(int(port)),
-            "--server.fileWatcherType", "none", "--server.runOnSave", "false"]
+            "--server.fileWatcherType", "none", "--server.runOnSave", "false", "--client.toolbarMode", "viewer"]
 
 
 def explore(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8501, replace_process: bool = False) -> int:

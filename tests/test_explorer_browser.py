@@ -101,7 +101,10 @@ def test_explorer_in_chromium(server, tmp_path):
         page.locator(".sx-tokens").first.wait_for(timeout=60_000)
         features_load = time.perf_counter() - t0
         page.wait_for_timeout(800)  # let the plotly charts draw
-        shots["explorer_features.png"] = page.screenshot(full_page=False)
+        page.set_viewport_size({"width": 1400, "height": 1700})  # Streamlit scrolls inside the page: grow it
+        page.wait_for_timeout(800)
+        shots["explorer_features.png"] = page.screenshot()
+        page.set_viewport_size({"width": 1400, "height": 1000})
 
         page.goto(url + "/Traces")
         page.locator(".sx-tokens").first.wait_for(timeout=60_000)

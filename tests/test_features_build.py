@@ -52,6 +52,9 @@ def test_layout_and_meta(run):
         assert (d / name).exists()
     meta = json.loads((d / "meta.json").read_text())
     assert meta["n_tokens"] == 4096 and meta["d_sae"] == 256 and 0 < meta["n_included_tokens"] < 4096
+    assert meta["token_separator"] == " "  # the toy's word-level tokenizer decodes with spaces
+    ex = FeatureData(d).examples(int(np.argmax(FeatureData(d).array("count"))))["top"][0]
+    assert all(t.startswith(" ") for t in ex["tokens"][1:]) and not ex["tokens"][0].startswith(" ")
     assert (run / "features" / "features" / "reasoning.json").exists()
     m = json.loads((run / "features" / "manifest.json").read_text())
     assert m["status"] == "complete" and "features" in m["artifacts"]
