@@ -4,10 +4,11 @@ Shapes: ``pre`` (B, n) pre-activations, k active latents per row.
 
 Each float is mapped to an unsigned 32-bit key with the same order (sign-magnitude → offset
 binary), then the k-th largest key T of a row is found digit by digit, ``RADIX_BITS`` bits a
-pass, from the top: for a prefix P of known high digits, count the keys ≥ P + d·2^s for every
-digit d and keep the largest d whose count is still ≥ k. After 32 / RADIX_BITS passes T is
-exact; one more pass writes the keys > T and, in index order, the first (k − #{key > T}) keys
-equal to T. So
+pass, from the top: with the prefix P of digits known so far and the count of keys above it,
+one histogram of the next digit of the keys that share P gives, for every digit d, the count of
+keys ≥ P + d·2^s; keep the largest d whose count is still ≥ k. After 32 / RADIX_BITS passes T
+is exact, and so is #{key > T}; one more pass writes the keys > T and, in index order, the first
+(k − #{key > T}) keys equal to T. So
 
     i[b] = the k latents of row b with the largest pre (ties: lowest latent index first),
            in ascending latent order;   v[b] = ReLU(pre[b, i[b]])
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .dispatch import empty, next_pow2
 
-RADIX_BITS = 4  # digits of 4 bits: 8 passes, 16 counts a pass (a knob for the GPU, untuned)
+RADIX_BITS = 8  # digits of 8 bits: 4 passes over the row, a 256-bin histogram each (untuned on a GPU)
 
 
 # The key computation is written out in each loop rather than called as a @triton.jit helper:
@@ -46,12 +47,12 @@ def _select_row(row_ptr, mask_ptr, n, k, out_v, out_i, USE_MASK: tl.constexpr, B
                 BITS: tl.constexpr):
     """Writes the k largest of one row (ties → lowest index), ascending index, into out_v/out_i."""
     NDIG: tl.constexpr = 1 << BITS
-    digits = tl.arange(0, NDIG).to(tl.int64)
+    bins = tl.arange(0, 2 * NDIG)  # bins ≥ NDIG collect the keys outside the current prefix (ignored)
     prefix = tl.zeros((), dtype=tl.int64)
+    n_gt = tl.zeros((), dtype=tl.int32)  # keys known to be above the prefix (in a higher digit)
     for p in tl.static_range(32 // BITS):
         shift: tl.constexpr = 32 - BITS * (p + 1)
-        cand = prefix + (digits << shift)  # (NDIG,)
-        cnt = tl.zeros((NDIG,), dtype=tl.int32)
+        hist = tl.zeros((2 * NDIG,), dtype=tl.int32)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             inb = offs < n
@@ -60,20 +61,15 @@ def _select_row(row_ptr, mask_ptr, n, k, out_v, out_i, USE_MASK: tl.constexpr, B
             if USE_MASK:
                 key = tl.where(tl.load(mask_ptr + offs, mask=inb, other=0) != 0, key, 0)
             key = tl.where(inb, key, -1)
-            cnt += tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-        d = tl.sum((cnt >= k).to(tl.int64), axis=0) - 1  # cnt[0] ≥ k always: d ≥ 0
-        prefix = prefix + (d << shift)
-    # prefix is now the k-th largest key T; count the keys above it, then write
-    n_gt = tl.zeros((), dtype=tl.int32)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < n
-        bits = tl.load(row_ptr + offs, mask=inb, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
-        if USE_MASK:
-            key = tl.where(tl.load(mask_ptr + offs, mask=inb, other=0) != 0, key, 0)
-        key = tl.where(inb, key, -1)
-        n_gt += tl.sum((key > prefix).to(tl.int32), axis=0)
+            same_high = (key >> (shift + BITS)) == (prefix >> (shift + BITS))
+            digit = tl.where(same_high, (key >> shift) & (NDIG - 1), NDIG).to(tl.int32)
+            hist += tl.histogram(digit, 2 * NDIG)
+        h = tl.where(bins < NDIG, hist, 0)
+        ge = n_gt + tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # #keys ≥ prefix + b·2^shift
+        d = tl.max(tl.where((ge >= k) & (bins < NDIG), bins, -1), axis=0)  # ge[0] ≥ k always: d ≥ 0
+        n_gt += tl.sum(tl.where(bins > d, h, 0), axis=0)
+        prefix = prefix + (d.to(tl.int64) << shift)
+    # prefix is now the k-th largest key T, and n_gt = #{key > T}
     need_eq = k - n_gt
     taken = tl.zeros((), dtype=tl.int32)
     ties = tl.zeros((), dtype=tl.int32)
@@ -149,18 +145,19 @@ def topk_select_torch(pre: Tensor, k: int, aux_mask: Tensor | None = None, k_aux
 # ---- BatchTopK: one global threshold ---------------------------------------------------------
 
 @triton.jit
-def _batch_count_kernel(x_ptr, numel, prefix_ptr, cnt_ptr, shift, BLOCK: tl.constexpr, BITS: tl.constexpr):
-    """cnt[d] += #{ReLU(x) keys ≥ prefix + d·2^shift} over this program's tile."""
+def _batch_hist_kernel(x_ptr, numel, prefix_ptr, hist_ptr, shift, BLOCK: tl.constexpr, BITS: tl.constexpr):
+    """hist[d] += #{ReLU(x) keys sharing the prefix above bit shift + BITS, with next digit d} over one tile."""
     NDIG: tl.constexpr = 1 << BITS
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < numel
     x = tl.maximum(tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(inb, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648, -1)
-    digits = tl.arange(0, NDIG).to(tl.int64)
-    cand = tl.load(prefix_ptr) + (digits << shift)
-    cnt = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), axis=0)
-    tl.atomic_add(cnt_ptr + tl.arange(0, NDIG), cnt)
+    prefix = tl.load(prefix_ptr)
+    same_high = (key >> (shift + BITS)) == (prefix >> (shift + BITS))
+    digit = tl.where(same_high, (key >> shift) & (NDIG - 1), NDIG).to(tl.int32)
+    hist = tl.histogram(digit, 2 * NDIG)
+    tl.atomic_add(hist_ptr + tl.arange(0, 2 * NDIG), hist)
 
 
 def _key_to_float(key: Tensor) -> Tensor:
@@ -175,16 +172,22 @@ def batch_topk_threshold_triton(pre: Tensor, keep: int) -> Tensor:
     numel = x.numel()
     if not 1 <= keep <= numel:
         raise ValueError(f"keep must be in [1, {numel}], got {keep}")
-    prefix = torch.zeros(1, dtype=torch.int64, device=x.device)
+    prefix = torch.zeros((), dtype=torch.int64, device=x.device)
+    n_gt = torch.zeros((), dtype=torch.int64, device=x.device)
     ndig = 1 << RADIX_BITS
+    digits = torch.arange(ndig, device=x.device)
     block = 1024
     grid = (triton.cdiv(numel, block),)
-    for p in range(32 // RADIX_BITS):
+    for p in range(32 // RADIX_BITS):  # the same digit search as _select_row, counts summed by atomics
         shift = 32 - RADIX_BITS * (p + 1)
-        cnt = torch.zeros(ndig, dtype=torch.int32, device=x.device)
-        _batch_count_kernel[grid](x, numel, prefix, cnt, shift, BLOCK=block, BITS=RADIX_BITS)
-        prefix += ((cnt >= keep).sum() - 1) << shift  # stays on the device
-    return _key_to_float(prefix[0])
+        hist = torch.zeros(2 * ndig, dtype=torch.int32, device=x.device)
+        _batch_hist_kernel[grid](x, numel, prefix, hist, shift, BLOCK=block, BITS=RADIX_BITS)
+        h = hist[:ndig].long()
+        ge = n_gt + h.flip(0).cumsum(0).flip(0)  # keys ≥ prefix + d·2^shift; all on the device, no sync
+        d = torch.where(ge >= keep, digits, -1).max()
+        n_gt = n_gt + torch.where(digits > d, h, 0).sum()
+        prefix = prefix + (d << shift)
+    return _key_to_float(prefix)
 
 
 def batch_topk_threshold_torch(pre: Tensor, keep: int) -> Tensor:
