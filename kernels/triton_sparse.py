@@ -225,12 +225,16 @@ class TopKSAETriton(torch.autograd.Function):
         if g_out is None:
             g_out = torch.zeros_like(x_in)
         g = rows_dot(W_dec, i, g_out, add=g_v, relu_of=v, out_dtype=torch.float32)  # (B, k) = ∂v · 1[v > 0]
-        order, crow = latent_order(i, n)
-        dW_dec, dW_enc_t, db_enc = latent_major(order, crow, k, n, a=(v, g_out, W_dec.dtype),
-                                                b=(g, x_in, W_enc.dtype), bias_dtype=W_enc.dtype)
+        dW_enc = db_enc = dW_dec = None
+        need = ctx.needs_input_grad
+        if need[1] or need[2] or need[3]:  # a frozen SAE (only ∂x wanted) skips the latent-major pass
+            order, crow = latent_order(i, n)
+            dW_dec, dW_enc_t, db_enc = latent_major(order, crow, k, n, a=(v, g_out, W_dec.dtype),
+                                                    b=(g, x_in, W_enc.dtype), bias_dtype=W_enc.dtype)
+            dW_enc = dW_enc_t.t()
         dx_in = gather_rows_dot(W_enc.t().contiguous(), i, g, out_dtype=x_in.dtype)  # (B, d)
         db_dec = g_out.sum(0).to(x_in.dtype) - dx_in.sum(0)
-        return dx_in, dW_enc_t.t(), db_enc, dW_dec, db_dec, None
+        return dx_in, dW_enc, db_enc, dW_dec, db_dec, None
 
 
 class TopKEncodeTriton(torch.autograd.Function):

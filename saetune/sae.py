@@ -188,8 +188,14 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction x̂. Never renormalises anything."""
         if self.cfg.architecture == "topk" and x.dim() >= 1:
+            from saetune.kernels import topk_autoencode, use_triton
             from saetune.kernels.topk_sae import gather_rows_dot
             shape = x.shape
+            if use_triton(x, self.W_enc):  # CUDA: Triton top-k, gather decoder, sparse backward
+                self._check_input(x)
+                x_hat, _, _ = topk_autoencode(x.reshape(-1, shape[-1]), self.W_enc, self.b_enc, self.W_dec,
+                                              self.b_dec, self.cfg.k)
+                return x_hat.reshape(shape)
             v, i = self.encode_topk(x.reshape(-1, shape[-1]))
             return (gather_rows_dot(self.W_dec, i, v) + self.b_dec).reshape(shape)
         return self.decode(self.encode(x))

@@ -73,3 +73,24 @@ def test_training_step_kernels_on_vs_off(arch, optimizer, auxk, monkeypatch):
     assert torch.allclose(on, off, atol=1e-5, rtol=1e-4), (on, off)
     for name in p_off:
         assert torch.allclose(p_on[name], p_off[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+def test_sae_forward_same_on_both_paths_frozen_sae(monkeypatch):
+    """sae(x) on the Triton path equals the torch path, and ∂x flows through a frozen SAE (SAE-Tuning)."""
+    from saetune.sae import SAE, SAEConfig
+    monkeypatch.setenv("SAETUNE_POISON", "1")
+    sae = SAE(SAEConfig(6, 17, k=4), seed=2).to(DEV).requires_grad_(False)
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1)).to(DEV)
+    outs = {}
+    for mode in ("triton", "torch"):
+        monkeypatch.setenv("SAETUNE_KERNELS", mode)
+        xx = x.clone().requires_grad_()
+        y = sae(xx)
+        y.pow(2).sum().backward()
+        outs[mode] = (y.detach(), xx.grad)
+    assert outs["triton"][0].shape == x.shape
+    assert torch.allclose(outs["triton"][0], outs["torch"][0], atol=1e-5)
+    assert torch.allclose(outs["triton"][1], outs["torch"][1], atol=1e-4)
