@@ -3,7 +3,8 @@
 Two sources, both optional: every ``eval/results.json`` under a run or pipeline dir (DESIGN.md:
 ``{benchmark: {"n", "samples_per_problem", "pass@1", "avg@k", "pass@k", "ci95"}}``), and a
 pipeline's ``summary.json`` (a list of row dicts under ``table``/``rows``/``comparison``, or a
-``{model: accuracy}`` mapping under ``accuracy``). Time and cost come from the manifest of the
+``{model: accuracy | {"accuracy", "ci95", "n"}}`` mapping under ``accuracy``), used for models
+no ``results.json`` covers. Time and cost come from the manifest of the
 run that produced each result and, for a trained model, of the stage that trained it (the eval
 manifest's ``model_run``, else the sibling sub-run named like the model). A row is labelled by
 the eval manifest's ``label`` (base, source, SAE-tuned, control, …), else by its path.
@@ -85,7 +86,8 @@ def comparison_table(path: str | Path | Discovery) -> pd.DataFrame:
                     "cost_usd": (cost or 0) + (m.get("estimated_cost_usd") or 0) if (cost is not None or m) else None,
                     "source": str(f.relative_to(d.root)),
                 })
-    rows += summary_rows(d.summary or {})
+    have = {r["model"] for r in rows}
+    rows += [r for r in summary_rows(d.summary or {}) if r["model"] not in have]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -110,7 +112,12 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(acc, dict):
         secs = summary.get("seconds") or {}
         for model, v in acc.items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, dict):
+                ci = v.get("ci95") or [None, None]
+                rows.append({**{c: None for c in COLUMNS}, "model": model, "accuracy": v.get("accuracy"),
+                             "ci_lo": ci[0], "ci_hi": ci[1], "n": v.get("n"), "train_s": secs.get(model),
+                             "source": "summary.json:accuracy"})
+            elif isinstance(v, (int, float)):
                 rows.append({**{c: None for c in COLUMNS}, "model": model, "accuracy": v,
                              "train_s": secs.get(model), "source": "summary.json:accuracy"})
     elif isinstance(summary.get("toy_accuracy"), (int, float)):

@@ -136,8 +136,10 @@ class Discovery:
 def discover(path: str | Path | None) -> Discovery:
     """Accept a single run dir or a pipeline parent dir; list its runs (never raises).
 
-    A pipeline dir's sub-runs are its direct children holding ``manifest.json`` (or, when a
-    stage died before writing one, any child dir named in ``summary.json``'s ``stages``).
+    A pipeline dir's sub-runs are its direct children holding ``manifest.json``, the run dirs one
+    level further down in a child without one (``eval/<label>/``, named ``eval/<label>``), and,
+    when a stage died before writing its manifest, any child dir named in ``summary.json``'s
+    ``stages`` (shown as partial).
     """
     if path is None or str(path).strip() == "":
         return Discovery(Path("."), "missing", [], None,
@@ -151,10 +153,16 @@ def discover(path: str | Path | None) -> Discovery:
     if (root / MANIFEST).exists():
         return Discovery(root, "run", [run_info(root)], summary)
     children = sorted(c for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
-    runs = [run_info(c) for c in children if (c / MANIFEST).exists()]
+    runs = []
     named = set(((summary or {}).get("stages") or {}).keys()) if summary else set()
     for c in children:
-        if c.name in named and not (c / MANIFEST).exists():
+        if (c / MANIFEST).exists():
+            runs.append(run_info(c))
+            continue
+        subs = sorted(g for g in c.iterdir() if g.is_dir() and (g / MANIFEST).exists())
+        if subs:  # a group of sub-runs, e.g. eval/<label>/
+            runs += [run_info(g, name=f"{c.name}/{g.name}") for g in subs]
+        elif c.name in named:
             runs.append(run_info(c))  # a stage that died before its manifest: shown as partial
     if runs:
         return Discovery(root, "pipeline", runs, summary)

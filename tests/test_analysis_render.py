@@ -228,8 +228,16 @@ def test_comparison_table(tmp_path):
     assert pd.isna(t[t["model"] == "base"].iloc[0]["train_s"])
     fig = plots.comparison_figure(t)
     assert len(fig.data[0].x) == 3
-    st = compare.stage_times(rundirs.discover(root))
+    d = rundirs.discover(root)
+    assert [r.name for r in d.runs] == ["eval/base", "eval/tune", "tune"]  # eval/<label>/ sub-runs found
+    st = compare.stage_times(d)
     assert "tune" in st["stage"].tolist()
+    # summary.json's {model: {accuracy, ci95, n}} fills in models without a results.json
+    (root / "summary.json").write_text(json.dumps({"accuracy": {
+        "tune": {"accuracy": 0.9, "ci95": [0.8, 1.0], "n": 10}, "source": {"accuracy": 0.7, "ci95": [0.6, 0.8], "n": 10}}}))
+    t = compare.comparison_table(root)
+    assert t["model"].tolist() == ["base", "tune", "source"] and t["accuracy"].tolist() == [0.2, 0.4, 0.7]
+    assert t.iloc[2]["ci_lo"] == 0.6
 
 
 def test_resolve_recorded_path(tmp_path):
