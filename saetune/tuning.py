@@ -371,19 +371,42 @@ def load_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer) ->
 
 # ---- the run -----------------------------------------------------------------------------------
 
+class _Step(nn.Module):
+    """The tuner's loss as a module, so DDP / DeepSpeed wrap one forward (their gradient hooks need it)."""
+
+    def __init__(self, tuner: SAETuner):
+        super().__init__()
+        self.peft = tuner.peft
+        self.__dict__["tuner"] = tuner
+
+    def forward(self, ids: torch.Tensor):
+        return self.tuner.loss(ids)
+
+
 def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """SAE-Tune ``cfg.model`` through ``cfg.sae`` into a run dir (``adapter/`` in peft layout).
 
     Returns the results (also in ``results.json``): losses, FVU inside the target, tokens/s,
-    and the run's wall time and cost.
+    and the run's wall time and cost. Under ``torchrun`` / ``accelerate launch`` each process
+    takes its slice of a ``world × batch_size`` global batch (DDP, or DeepSpeed as accelerate is
+    configured); rank 0 writes the run dir, and ``out`` must be given.
     """
     from tqdm.auto import tqdm
     from .activations import resolve_device
-    device = resolve_device(cfg.device)
-    run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
-                      resume_ignore=("progress", "log_every"))
-    run.manifest["n_gpus"] = 1 if device.startswith("cuda") else 0
-    run.manifest["gpu_hour_usd"] = cfg.gpu_hour_usd
+    from .distributed import Dist, FollowerRun, launched_world_size
+    if launched_world_size() > 1 and out is None:
+        raise SaetuneError("a multi-process tune needs --out (every process must name the same run dir)")
+    dist = Dist(resolve_device(cfg.device))
+    device = dist.device
+    if dist.is_main:
+        run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
+                          resume_ignore=("progress", "log_every"))
+        run.manifest["n_gpus"] = dist.world if device.startswith("cuda") else 0
+        run.manifest["world_size"] = dist.world
+        run.manifest["gpu_hour_usd"] = cfg.gpu_hour_usd
+    else:
+        run = FollowerRun(out)
+    dist.barrier()  # rank 0 has created (or cleaned) the run dir
     try:
         with run.phase("load"):
             tuner = SAETuner(cfg, device)
@@ -393,18 +416,21 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         run.add_input("model", tuner.model.name_or_path)
         if cfg.sae:
             run.add_input("sae", cfg.sae)
-        per_epoch = chunks.shape[0] // cfg.batch_size
+        global_batch = cfg.batch_size * dist.world
+        per_epoch = chunks.shape[0] // global_batch
         if per_epoch == 0:
             raise SaetuneError(f"the data packs into {chunks.shape[0]} chunks of {cfg.context_size} tokens, fewer "
-                               f"than one batch of {cfg.batch_size}; add data or lower batch_size/context_size")
+                               f"than one global batch of {global_batch} ({dist.world} processes × batch_size "
+                               f"{cfg.batch_size}); add data or lower batch_size/context_size")
         total = per_epoch * cfg.epochs
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
         params = tuner.trainable()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         start, tokens = load_checkpoint(run, tuner, opt) if resume else (0, 0)
+        step_fn, opt_w = dist.prepare(_Step(tuner), opt)
         run.truncate_metrics(start)
-        if len(held) and "eval_loss_before" not in run.manifest:
+        if dist.is_main and len(held) and "eval_loss_before" not in run.manifest:
             with run.phase("eval"):
                 run.manifest["eval_loss_before"] = tuner.eval_loss(held, device)
             run.write_manifest()
@@ -412,7 +438,7 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         if tuner.sae is not None:
             tuner.sae.eval()
         T = chunks.shape[1]
-        bar = tqdm(total=total, initial=start, desc="tune", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=total, initial=start, desc="tune", unit="step", disable=not (cfg.progress and dist.is_main))
         first_loss, last = None, {}
         window: list[dict[str, float]] = []
         t0 = time.perf_counter()
@@ -420,35 +446,42 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
             for step in range(start, total):
                 epoch, j = divmod(step, per_epoch)
                 order = epoch_order(chunks.shape[0], epoch, cfg.shuffle, cfg.seed)
-                ids = chunks[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]].to(device)
+                lo = j * global_batch + dist.rank * cfg.batch_size
+                ids = chunks[order[lo:lo + cfg.batch_size]].to(device)
                 lr = lr_at(step, total, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss, m = tuner.loss(ids)
+                loss, m = step_fn(ids)
                 if not torch.isfinite(loss):
                     raise SaetuneError(f"non-finite loss ({loss.item()}) at step {step + 1}; the last checkpoint is "
                                        "kept — lower lr or check the SAE")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                opt.step()
-                tokens += ids.numel()
-                m.update(loss=loss.item(), grad_norm=float(gn), lr=lr)
+                opt_w.zero_grad(set_to_none=True)
+                dist.backward(loss)
+                gn = dist.clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                opt_w.step()
+                tokens += global_batch * T
+                m.update(loss=loss.item(), grad_norm=float("nan") if gn is None else float(gn), lr=lr)
                 first_loss = m["loss"] if first_loss is None and step == 0 else first_loss
                 window.append(m)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == total:
                     elapsed = time.perf_counter() - t0
-                    last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                    last = dist.mean({k: sum(w[k] for w in window) / len(window) for k in window[0]})
                     run.log({"step": done, "tokens": tokens, "epoch": epoch, **{k: round(v, 6) for k, v in last.items()},
-                             "tokens_per_s": round((done - start) * cfg.batch_size * T / max(elapsed, 1e-9), 1)})
+                             "tokens_per_s": round((done - start) * global_batch * T / max(elapsed, 1e-9), 1)})
                     bar.set_postfix(loss=f"{last['loss']:.4g}")
                     window = []
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
-                    save_checkpoint(run, tuner, opt, done, tokens, cfg.keep_checkpoints)
+                    if dist.is_main:
+                        save_checkpoint(run, tuner, opt, done, tokens, cfg.keep_checkpoints)
+                    dist.barrier()
                 bar.update(1)
         bar.close()
         train_seconds = time.perf_counter() - t0
+        if not dist.is_main:
+            dist.barrier()  # rank 0 saves
+            dist.end()
+            return {}
         with run.phase("save"):
             tmp = run.path / ".tmp-adapter"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -461,13 +494,13 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         rows = run.metrics()
         results = {
             "hook": tuner.hp.name if tuner.hp else None, "sae_d_sae": tuner.sae.d_sae if tuner.sae else None,
-            "sae_k": tuner.sae.cfg.k if tuner.sae else None, "loss": cfg.loss,
+            "sae_k": tuner.sae.cfg.k if tuner.sae else None, "loss": cfg.loss, "world_size": dist.world,
             "steps": total, "tokens": tokens, "first_loss": first_loss if first_loss is not None else (
                 rows[0]["loss"] if rows else None),
             "final_loss": rows[-1]["loss"] if rows else None, "final_fvu": rows[-1].get("fvu") if rows else None,
             "eval_seqs": len(held), "eval_loss_before": run.manifest.get("eval_loss_before"),
             "eval_loss_after": eval_after if len(held) else None,
-            "tokens_per_s": round((total - start) * cfg.batch_size * T / max(train_seconds, 1e-9), 1),
+            "tokens_per_s": round((total - start) * global_batch * T / max(train_seconds, 1e-9), 1),
             "shared_prefix": tuner.exact, "lora_layers": tuner.lora_layers,
             "trainable_params": sum(p.numel() for p in params), "adapter_sha256": adapter_hash,
             "sae_sha256": run.manifest["inputs"]["sae"]["sha256"] if cfg.sae else None,
@@ -475,6 +508,8 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         atomic_write_json(run.path / "results.json", results)
         shutil.rmtree(_ckpt_root(run), ignore_errors=True)
         run.finish(results=results, train_seconds=round(train_seconds, 3), steps=total)
+        dist.barrier()
+        dist.end()
         results["wall_seconds"] = run.manifest["wall_seconds"]
         results["estimated_cost_usd"] = run.manifest["estimated_cost_usd"]
         what = "SAE-Tuning" if cfg.sae else "LoRA fine-tuning (no SAE)"
