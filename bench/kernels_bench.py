@@ -7,8 +7,10 @@
    random activations: saetune (its default path: Triton kernels on CUDA, torch on CPU; Adam and
    signum + schedule-free), saetune's torch path (GPU only, ``SAETUNE_KERNELS=torch``), SAELens
    ``TopKTrainingSAE`` (fp32 and bf16 autocast) and sparsify ``SparseCoder`` (bf16 autocast on the
-   GPU). GPU shapes: PERF.md's config A and B, and config A at a 16k-token batch. Median of
-   ``STEPS`` steps after ``WARM`` warm-ups. Also the loss curve of saetune's default path against
+   GPU). GPU shapes: PERF.md's config A and B, and config A at a 16k-token batch. ``WARM``
+   warm-up steps each, then ``ROUNDS`` interleaved rounds of ``STEPS / ROUNDS`` steps per
+   implementation; median over all timed steps (and the minimum, which load from other
+   processes cannot lower). Also the loss curve of saetune's default path against
    its torch path from the same init (max relative difference over ``CURVE_STEPS`` steps).
 2. Per-token entropy + target log-prob from hidden states: naive (explicit logits), chunked by
    1,024 rows (torch), and ``saetune.kernels.linear_entropy_logprob`` — forward time, extra peak
@@ -35,8 +37,9 @@ if not CUDA:  # sparsify's Triton decoder needs a GPU: its eager decoder on the 
 DEV = "cuda" if CUDA else "cpu"
 T0 = time.perf_counter()
 MAX_S = float(os.environ.get("BENCH_MAX_S", 500))
-STEPS = int(os.environ.get("STEPS", 20 if CUDA else 5))
+STEPS = int(os.environ.get("STEPS", 20))
 WARM = int(os.environ.get("WARM", 5 if CUDA else 2))
+ROUNDS = int(os.environ.get("ROUNDS", 4 if CUDA else 5))
 CURVE_STEPS = int(os.environ.get("CURVE_STEPS", 10 if CUDA else 5))
 OUT = Path(os.environ.get("OUT") or Path(__file__).parent) / "kernels_bench.json"
 OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +48,8 @@ SAE_SHAPES = ([("A", 1536, 49152, 64, 4096), ("B", 2048, 65536, 64, 8192), ("A-1
 ENT_SHAPE = (16384, 1536, 151936) if CUDA else (512, 128, 8192)  # N, D, V
 
 RES: dict = {"device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.machine()}, "
-             f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "steps": STEPS, "warm": WARM,
+             f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "steps": STEPS, "rounds": ROUNDS,
+             "warm": WARM,
              "sae": [], "entropy": [], "skipped": []}
 try:
     import triton
@@ -63,26 +67,31 @@ def time_left() -> bool:
     return time.perf_counter() - T0 < MAX_S
 
 
-def median_ms(fn, steps=STEPS, warm=WARM) -> float:
-    for _ in range(warm):
-        fn()
+def step_times_ms(fn, steps: int) -> list[float]:
+    """Wall (CPU) or CUDA-event (GPU) time of each of ``steps`` calls, in ms."""
+    ts = []
     if CUDA:
         torch.cuda.synchronize()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ts = []
         for _ in range(steps):
             s.record()
             fn()
             e.record()
             torch.cuda.synchronize()
             ts.append(s.elapsed_time(e))
-        return statistics.median(ts)
-    ts = []
+        return ts
     for _ in range(steps):
         t = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return ts
+
+
+def median_min_ms(fn, steps=STEPS, warm=WARM) -> tuple[float, float]:
+    for _ in range(warm):
+        fn()
+    ts = step_times_ms(fn, steps)
+    return round(statistics.median(ts), 3), round(min(ts), 3)
 
 
 # ---- SAE step implementations ------------------------------------------------------------------
@@ -169,20 +178,34 @@ def bench_sae():
         impls["saelens_bf16" if CUDA else "saelens"] = lambda: saelens_step(d, n, k, xs, CUDA)
         if CUDA:
             impls["saelens_fp32"] = lambda: saelens_step(d, n, k, xs, False)
+        steppers = {}
         for impl, make in impls.items():
-            if not time_left():
-                RES["skipped"].append(f"sae {name} {impl}: time cap")
-                continue
             try:
-                ms = median_ms(make())
-                row[f"{impl}_ms"] = round(ms, 3)
-                row[f"{impl}_tok_s"] = round(B / ms * 1e3)
+                steppers[impl] = make()
+                for _ in range(WARM):
+                    steppers[impl]()
             except Exception as e:  # an anchor library missing or failing must not lose the other figures
                 row[f"{impl}_error"] = f"{type(e).__name__}: {e}"[:300]
-            if CUDA:
-                torch.cuda.empty_cache()
-            RES["sae"] = [r for r in RES["sae"] if r["config"] != name] + [row]
-            dump()
+                steppers.pop(impl, None)
+        per: dict[str, list[float]] = {impl: [] for impl in steppers}
+        for _ in range(ROUNDS):  # interleaved, so drift and neighbours' load hit every implementation alike
+            for impl, fn in steppers.items():
+                if not time_left():
+                    continue
+                per[impl] += step_times_ms(fn, max(1, STEPS // ROUNDS))
+        for impl, ts in per.items():
+            if ts:
+                ms = statistics.median(ts)
+                row[f"{impl}_ms"] = round(ms, 3)
+                row[f"{impl}_min_ms"] = round(min(ts), 3)
+                row[f"{impl}_tok_s"] = round(B / ms * 1e3)
+            else:
+                RES["skipped"].append(f"sae {name} {impl}: time cap")
+        del steppers
+        if CUDA:
+            torch.cuda.empty_cache()
+        RES["sae"] = [r for r in RES["sae"] if r["config"] != name] + [row]
+        dump()
         for anchor in ("sparsify", "saelens_bf16", "saelens", "saelens_fp32", "saetune_torch_path_adam"):
             if f"{anchor}_ms" in row and "saetune_adam_ms" in row:
                 row[f"x_{anchor}"] = round(row[f"{anchor}_ms"] / row["saetune_adam_ms"], 2)
@@ -234,7 +257,7 @@ def bench_entropy():
                 if CUDA:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                row["forward_ms"] = round(median_ms(fn, steps=max(5, STEPS // 2), warm=2), 3)
+                row["forward_ms"], row["forward_min_ms"] = median_min_ms(fn, steps=max(5, STEPS // 2), warm=2)
                 if CUDA:
                     row["extra_peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         except Exception as e:
@@ -251,29 +274,39 @@ def bench_entropy():
         row = {"impl": "saetune_fused_fwd_bwd", "N": N, "D": D, "V": V, "dtype": str(dtype).removeprefix("torch."),
                "path": "triton" if K.use_triton(h, W) else "torch (chunked)"}
         try:
-            row["fwd_bwd_ms"] = round(median_ms(fwd_bwd, steps=max(5, STEPS // 2), warm=2), 3)
+            row["fwd_bwd_ms"], row["fwd_bwd_min_ms"] = median_min_ms(fwd_bwd, steps=max(5, STEPS // 2), warm=2)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         RES["entropy"].append(row)
         dump()
 
 
+def _ms(r: dict, impl: str) -> str:
+    return f"{r[impl + '_ms']} ({r[impl + '_min_ms']})" if impl + "_ms" in r else "—"
+
+
 def table() -> str:
-    lines = [f"device: {RES['device']}", "",
-             "| config | d_in | d_sae | k | batch | saetune Adam ms | saetune signum-SF ms | torch path ms | sparsify ms "
-             "| SAELens bf16/fp32 ms | × sparsify | × SAELens | loss-curve gap |", "|" + "---|" * 13]
+    lines = [f"device: {RES['device']}; ms per step: median (min)", "",
+             "| config | d_in | d_sae | k | batch | saetune Adam | saetune signum-SF | saetune torch path | sparsify "
+             "| SAELens bf16 | SAELens fp32 | × sparsify | × SAELens | loss-curve gap Adam / SF |", "|" + "---|" * 14]
     for r in RES["sae"]:
-        sl = r.get("saelens_bf16_ms", r.get("saelens_ms", "—"))
-        xs = r.get("x_saelens_bf16", r.get("x_saelens", "—"))
+        saelens = "saelens_bf16" if CUDA else "saelens"
         lines.append(f"| {r['config']} | {r['d_in']} | {r['d_sae']} | {r['k']} | {r['batch']} | "
-                     f"{r.get('saetune_adam_ms', '—')} | {r.get('saetune_signum_sf_ms', '—')} | "
-                     f"{r.get('saetune_torch_path_adam_ms', '—')} | {r.get('sparsify_ms', '—')} | {sl} / "
-                     f"{r.get('saelens_fp32_ms', '—')} | {r.get('x_sparsify', '—')} | {xs} | "
+                     f"{_ms(r, 'saetune_adam')} | {_ms(r, 'saetune_signum_sf')} | {_ms(r, 'saetune_torch_path_adam')} | "
+                     f"{_ms(r, 'sparsify')} | {_ms(r, saelens) if CUDA else '—'} | "
+                     f"{_ms(r, 'saelens_fp32' if CUDA else 'saelens')} | {r.get('x_sparsify', '—')} | "
+                     f"{r.get('x_' + saelens, '—')} | "
                      f"{r.get('curve_rel_gap_adam', '—')} / {r.get('curve_rel_gap_signum_sf', '—')} |")
     lines += ["", "| entropy impl | N | D | V | forward ms | fwd+bwd ms | extra peak MiB |", "|" + "---|" * 7]
     for r in RES["entropy"]:
-        lines.append(f"| {r['impl']}{' (' + r['path'] + ')' if 'path' in r else ''} | {r['N']} | {r['D']} | {r['V']} | {r.get('forward_ms', '—')} | "
-                     f"{r.get('fwd_bwd_ms', '—')} | {r.get('extra_peak_mib', '—')} |")
+        fwd = f"{r['forward_ms']} ({r['forward_min_ms']})" if "forward_ms" in r else "—"
+        fb = f"{r['fwd_bwd_ms']} ({r['fwd_bwd_min_ms']})" if "fwd_bwd_ms" in r else "—"
+        lines.append(f"| {r['impl']}{' (' + r['path'] + ')' if 'path' in r else ''} | {r['N']} | {r['D']} | {r['V']} | "
+                     f"{fwd} | {fb} | {r.get('extra_peak_mib', '—')} |")
+    errors = [f"{r['config']} {k}" for r in RES["sae"] for k in r if k.endswith("_error")]
+    errors += [f"entropy {r['impl']}" for r in RES["entropy"] if "error" in r]
+    if errors:
+        lines += ["", "errors (see the JSON): " + "; ".join(errors)]
     if RES["skipped"]:
         lines += ["", "skipped: " + "; ".join(RES["skipped"])]
     return "\n".join(lines)
