@@ -6,10 +6,11 @@ Shapes: ``hidden`` h (N, D), ``weight`` W (V, D) (the LM head), optional ``bias`
     lse_n = log Σ_v exp z_nv,   H_n = lse_n − Σ_v p_nv z_nv,   logprob_n = z_{n,t_n} − lse_n
 
 (p = softmax z; logprob 0 where t_n = ``ignore_index``). The Triton forward runs one program
-per block of rows over vocabulary tiles: each tile's logits come from an in-register matmul and
-fold into an online logsumexp — running max m, s = Σ e^{z−m} and a = Σ e^{z−m}(z−m), rescaled
-when m grows — so H = log s − a/s without the cancellation of lse − Σpz; logits are never
-written. Extra memory: O(N).
+per (block of rows, vocabulary split) over that split's vocabulary tiles: each tile's logits come
+from an in-register matmul and fold into an online logsumexp — running max m, s = Σ e^{z−m} and
+a = Σ e^{z−m}(z−m), rescaled when m grows — so H = log s − a/s without the cancellation of
+lse − Σpz; the few splits' (m, s, a, z_t) are then merged the same way. Logits are never written;
+extra memory O(N · splits).
 
 Backward, for upstream gradients ḡ_H (entropy bonus) and ḡ_L (log-prob)::
 
@@ -47,20 +48,24 @@ except ImportError:  # the torch path works without triton
 
 if triton is not None:
     @triton.jit
-    def _fwd_kernel(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, t_ptr, ent_ptr, lp_ptr, lse_ptr,
-                    N, V, D, inv_temp, ignore_index,
+    def _fwd_kernel(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
+                    N, V, D, tiles_per_split, inv_temp,
                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Partial sums of one block of rows over one vocabulary split: m, s, a, z_target → [split, row]."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
         rm = rows < N
         tgt = tl.load(t_ptr + rows, mask=rm, other=-1)
         m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         s = tl.zeros((BLOCK_N,), tl.float32)
         a = tl.zeros((BLOCK_N,), tl.float32)
         zt = tl.zeros((BLOCK_N,), tl.float32)
-        for v0 in range(0, V, BLOCK_V):
+        v_lo = split * tiles_per_split * BLOCK_V
+        v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, V)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            cm = cols < V
+            cm = cols < v_hi
             acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
@@ -85,13 +90,11 @@ if triton is not None:
             s = s * scale + tl.sum(e, axis=1)
             m = m_new
             zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        lse = m_safe + tl.log(s)
-        ent = tl.log(s) - a / s
-        lp = tl.where(tgt == ignore_index, 0.0, zt - lse)
-        tl.store(ent_ptr + rows, ent, mask=rm)
-        tl.store(lp_ptr + rows, lp, mask=rm)
-        tl.store(lse_ptr + rows, lse, mask=rm)
+        out = split * N + rows
+        tl.store(m_ptr + out, m, mask=rm)
+        tl.store(s_ptr + out, s, mask=rm)
+        tl.store(a_ptr + out, a, mask=rm)
+        tl.store(zt_ptr + out, zt, mask=rm)
 
     @triton.jit
     def _dz_kernel(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, t_ptr, lse_ptr, ent_ptr, gh_ptr, s_gh, gl_ptr, s_gl,
@@ -173,19 +176,43 @@ def _ieee_dot(hidden: Tensor, weight: Tensor) -> bool:
     return torch.float32 in (hidden.dtype, weight.dtype) or interpreting()
 
 
+def _splits(n_row_blocks: int, n_tiles: int, device) -> int:
+    """Vocabulary splits so that the grid has a few programs per SM (2 under the interpreter, so the
+    combine is tested)."""
+    if device.type != "cuda":
+        return min(2, n_tiles)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_tiles, -(-4 * sms // n_row_blocks)))
+
+
 def _forward_triton(hidden, weight, bias, targets, inv_temp, ignore_index):
     N, D = hidden.shape
     V = weight.shape[0]
-    ent = empty((N,), torch.float32, hidden.device)
-    lp, lse = empty((N,), torch.float32, hidden.device), empty((N,), torch.float32, hidden.device)
     bn, bv = 64, 128
     bd = max(16, min(64, next_pow2(D)))
+    n_tiles = triton.cdiv(V, bv)
+    splits = _splits(triton.cdiv(N, bn), n_tiles, hidden.device)
+    per = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, per)  # every split holds at least one tile
+    m, s, a, zt = (empty((splits, N), torch.float32, hidden.device) for _ in range(4))
     if N:
-        _fwd_kernel[(triton.cdiv(N, bn),)](hidden, hidden.stride(0), hidden.stride(1), weight, weight.stride(0),
-                                          weight.stride(1), bias if bias is not None else weight, targets.contiguous(),
-                                          ent, lp, lse, N, V, D, inv_temp, ignore_index,
-                                          HAS_BIAS=bias is not None, IEEE=_ieee_dot(hidden, weight),
-                                          BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
+        _fwd_kernel[(triton.cdiv(N, bn), splits)](hidden, hidden.stride(0), hidden.stride(1), weight,
+                                                  weight.stride(0), weight.stride(1),
+                                                  bias if bias is not None else weight, targets.contiguous(),
+                                                  m, s, a, zt, N, V, D, per, inv_temp,
+                                                  HAS_BIAS=bias is not None, IEEE=_ieee_dot(hidden, weight),
+                                                  BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
+    # combine the splits: rebase each on the global max M (a split whose logits are all −inf has s = 0)
+    M = m.max(0).values  # (N,)
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    live = s > 0
+    shift = torch.where(live, m - M_safe, torch.zeros_like(m))
+    w = torch.where(live, shift.exp(), torch.zeros_like(m))
+    s_tot = (w * s).sum(0)
+    a_tot = (w * (a + s * shift)).sum(0)
+    lse = M_safe + s_tot.log()
+    ent = s_tot.log() - a_tot / s_tot
+    lp = torch.where(targets == ignore_index, torch.zeros_like(lse), zt.sum(0) - lse)
     return ent, lp, lse
 
 
@@ -219,8 +246,7 @@ class _LinearEntropyLogprob(torch.autograd.Function):
         g_lp = torch.zeros_like(ent) if g_lp is None else g_lp.float()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.empty_like(hidden) if need_h else None
-        acc_dtype = torch.float32 if weight.dtype == torch.float32 else weight.dtype
-        dW = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        dW = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # fp32 sum
         db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
         step = _chunk_rows(V)
         for s in range(0, N, step):
@@ -242,7 +268,7 @@ class _LinearEntropyLogprob(torch.autograd.Function):
             if need_h:
                 dh[s:e] = (z.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
-                dW.add_(z.t().to(h.dtype) @ h)
+                dW.add_((z.t().to(h.dtype) @ h).float())
             if need_b:
                 db += z.sum(0)
         return (dh, dW.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,

@@ -119,3 +119,26 @@ def test_bad_arguments_name_the_problem():
         linear_entropy_logprob(h, torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(SaetuneError, match="targets"):
         linear_entropy_logprob(h, W, torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+def test_triton_vocab_splits_and_masked_vocabulary(monkeypatch):
+    """Several row blocks and vocabulary splits; a split whose logits are all −inf (masked by the bias)."""
+    pytest.importorskip("triton")
+    import saetune.kernels as K
+    from saetune.kernels.entropy import linear_entropy_logprob_naive
+    monkeypatch.setenv("SAETUNE_KERNELS", "triton")
+    h, W, b, t = _inputs(70, 24, 389, 3, torch.float32, ignore=True)
+    got = _run(K.linear_entropy_logprob, h, W, b, t, 0.8, "random", 3)
+    ref = _run(linear_entropy_logprob_naive, h, W, b, t, 0.8, "random", 3)
+    for what, x, y in zip(["entropy", "logprob", "d_hidden", "d_weight", "d_bias"], got, ref):
+        _close(x, y, torch.float32, what)
+    b_masked = b.clone()
+    b_masked[:260] = float("-inf")  # the first split (tiles of 128) sees only −inf logits
+    t_ok = torch.where(t >= 260, t, torch.full_like(t, -100))
+    with torch.no_grad():
+        ent, lp = K.linear_entropy_logprob(h, W, t_ok, b_masked, 0.8)
+        ent_r, lp_r = linear_entropy_logprob_naive(h, W, t_ok, b_masked, 0.8)
+    assert torch.isfinite(ent).all() and torch.isfinite(lp).all()
+    _close(ent, ent_r, torch.float32, "entropy (masked)")
+    _close(lp, lp_r, torch.float32, "logprob (masked)")

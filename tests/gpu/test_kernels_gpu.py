@@ -96,3 +96,21 @@ def test_entropy_bf16_against_fp32_reference():
     assert (ent - er).abs().max() < 2e-2 and (lp - lr).abs().max() < 2e-2
     assert (h.grad.float() - hr.grad).abs().max() <= 3e-2 * hr.grad.abs().max()
     assert (W.grad.float() - Wr.grad).abs().max() <= 3e-2 * Wr.grad.abs().max()
+
+
+def test_entropy_memory_on_the_qwen_shape():
+    """PERF.md's shape (V 151,936, D 1,536, N 16,384, bf16): the forward needs ≤ 300 MB beyond its inputs."""
+    import saetune.kernels as K
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(16384, 1536, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(151936, 1536, device="cuda", generator=g) / 40).bfloat16()
+    t = torch.randint(0, 151936, (16384,), device="cuda", generator=g)
+    with torch.no_grad():
+        K.linear_entropy_logprob(h, W, t)  # compile
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ent, lp = K.linear_entropy_logprob(h, W, t)
+        torch.cuda.synchronize()
+    assert torch.isfinite(ent).all() and torch.isfinite(lp).all()
+    assert torch.cuda.max_memory_allocated() - base <= 300 * 2**20
