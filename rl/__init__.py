@@ -1,4 +1,5 @@
-"""saetune.rl: the RL-for-reasoning pieces, as pure functions exact to their published code.
+"""saetune.rl: the RL-for-reasoning pieces, as pure functions exact to their published code, and a
+single-node trainer around them.
 
 - ``entropy``: per-token entropy, masked statistics, the 80/20 high-entropy mask, Clip-Cov / KL-Cov
 - ``advantages``: GRPO / Dr.GRPO advantages, DAPO's dynamic-sampling filter and overlong shaping
@@ -7,6 +8,27 @@
 - ``rewards``: correctness, reasoning-pattern reward (RPR) and its hits, reward flipping, HAPO, OTC,
   AdaptThink, RLPR, weighted composition
 - ``cure``: CURE's critical-token selection, branch prompts and group assembly
+- ``tools``: the calculator tool (a bounded, ast-based arithmetic evaluator)
+- ``rollout``: batched HF sampling with per-token log-probs and entropies, stop strings, tool calls
+- ``trainer``: ``RLConfig`` and ``train(cfg, out)`` — GRPO/DAPO, CURE stages 1 and 2, run dirs
+  with metrics, traces and checkpoints (``saetune rl`` on the command line)
+- ``integrations``: saetune's rewards for TRL (``integrations.trl``) and verl (``integrations.verl``)
 
-The trainer that puts them to work is not built yet.
+``saetune.rl.train`` and ``saetune.rl.RLConfig`` load the trainer on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {"train": "saetune.rl.trainer", "RLConfig": "saetune.rl.trainer"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'saetune.rl' has no attribute {name!r}")

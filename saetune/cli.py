@@ -119,6 +119,12 @@ def cmd_pipeline(args) -> None:
     _print_json(run_pipeline(args.recipe, out, resume=bool(args.resume), overwrite=args.overwrite, only=args.only))
 
 
+def cmd_rl(args) -> None:
+    from saetune.rl.trainer import train
+    cfg, out, resume = _resolve(args)
+    _print_json(train(cfg, out, resume=resume, overwrite=args.overwrite))
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
     cfg, out, resume = _resolve(args)
@@ -178,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "features", FeaturesConfig, "precompute per-feature explorer data (density, histograms, contexts, "
               "logit effects, neighbours, think-token features)")
     p.set_defaults(fn=cmd_features)
+    from saetune.rl.trainer import RLConfig
+    p = _verb(sub, "rl", RLConfig, "GRPO/DAPO RL (CURE optional) with verifiable rewards; writes model/, metrics, traces")
+    p.set_defaults(fn=cmd_rl)
     p = sub.add_parser("explore", help="open the Streamlit explorer on a run dir or a pipeline dir",
                        description="Run the Streamlit explorer headless (no usage statistics) on RUN_DIR.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir or a pipeline's parent dir (e.g. runs/demo-…)")
