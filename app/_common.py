@@ -105,18 +105,27 @@ def model_and_sae(model: str, sae: str, hook: str | None = None):
     return _model_and_sae(model, sae, hook)
 
 
-def find_sae_and_model(d: rundirs.Discovery) -> tuple[str, str, str] | None:
-    """(model path, SAE dir, hook) for live views: the first SAE in the run and its recorded model."""
+def find_sae_and_model(d: rundirs.Discovery) -> tuple[str, str, str, str] | None:
+    """(model path, SAE dir, hook, run holding every SAE) for live views: the first SAE in the
+    run and its recorded model."""
     from saetune.analysis.rundirs import find_saes, recorded_model
     for r in d.runs:
         if (r.path / "sae").is_dir():
             try:
                 saes, run = find_saes(r.path)
                 hook, path = next(iter(saes.items()))
-                return recorded_model(saes, run), str(path), hook
+                return recorded_model(saes, run), str(path), hook, str(r.path)
             except (SaetuneError, OSError, ValueError):
                 continue
     return None
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def all_saes(run: str) -> dict:
+    """Every SAE of a run dir by hook, loaded once (cache_resource)."""
+    from saetune.analysis.rundirs import find_saes
+    from saetune.sae import SAE
+    return {h: SAE.load(p) for h, p in find_saes(run)[0].items()}
 
 
 def html(body: str) -> None:

@@ -29,7 +29,7 @@ if d is not None:
     if live is None:
         st.info("No SAE in this run dir, so there is nothing to run a prompt through.")
     else:
-        model_path, sae_path, hook = live
+        model_path, sae_path, hook, _ = live
         st.caption(f"runs the model at `{model_path}` with the SAE at `{hook}`; both load on first use")
         text = st.text_area("prompt", "User : compute ( 3 + 4 ) * 2 . Assistant : <think>", key="prompt")
         if st.button("run", key="run_prompt"):

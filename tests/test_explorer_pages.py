@@ -70,6 +70,9 @@ def test_features_page(run, monkeypatch):
     assert htmls(at)[0].count('<div class="sx-tokens">') == 6  # the top contexts, drawn as one element
     at.number_input(key="fid").set_value(5).run()
     assert at.subheader[0].value == "feature 5"
+    nb = at.selectbox(key="jump").options[0]
+    at.selectbox(key="jump").set_value(nb).run()
+    assert at.subheader[0].value == f"feature {nb}" and at.number_input(key="fid").value == int(nb)
     # search by token: every hit's card shows that token among the contexts
     at.radio(key="mode").set_value("token").run()
     assert at.subheader == [] or not at.exception
@@ -179,3 +182,11 @@ def test_bad_run_dirs_give_a_message(kind, tmp_path, monkeypatch):
         assert shown, name
         if kind != "half-written":
             assert any("run dir" in s.lower() or "saetune explore" in s for s in shown), (name, shown)
+
+
+def test_reasoning_page_computes_on_request(run, monkeypatch):
+    at = page("pages/3_Reasoning_features.py", run / "sae", monkeypatch)  # a single SAE run: no reasoning.json
+    assert "compute it here" in at.info[0].value
+    at.button(key="compute").click().run()
+    assert not at.exception
+    assert at.dataframe[0].value["hook"].tolist() == ["model.layers.1", "model.layers.2"]  # every SAE of the run

@@ -38,7 +38,9 @@ if d is not None:
                 hits = [feature]
             else:
                 q = st.sidebar.text_input("token" if mode == "token" else "text", key="query",
-                                          placeholder="e.g. wait" if mode == "text" else "e.g. =")
+                                          placeholder="e.g. wait" if mode == "text" else "e.g. =",
+                                          help="token: features whose top contexts peak on exactly this token; "
+                                               "text: features whose peak tokens or top logit tokens contain it")
                 hits = (fd.search_token(q) if mode == "token" else fd.search_text(q)) if q else []
                 if q and not hits:
                     st.sidebar.warning("no feature matches")
@@ -77,8 +79,19 @@ if d is not None:
                             ui.html("".join(sxh.token_highlight_html(e["tokens"], e["acts"], vmax=vmax, peak=e["peak"],
                                                                      style=j == 0)
                                             for j, e in enumerate(g["examples"])))
-                    st.markdown("**nearest features**")
-                    st.dataframe(fd.neighbours(feature), hide_index=True)
+                    st.markdown("**nearest features** (decoder cosine; co-activation = Jaccard index of the "
+                                "firing tokens)")
+                    nb = fd.neighbours(feature)
+                    st.dataframe(nb, hide_index=True)
+                    ids = [int(x) for x in nb["decoder_cosine_feature"].dropna()] + \
+                          [int(x) for x in nb["coactivation_feature"].dropna()]
+
+                    def _jump():
+                        st.session_state["mode"] = "id"
+                        st.session_state["fid"] = int(st.session_state["jump"])
+
+                    st.selectbox("open a neighbour", list(dict.fromkeys(ids)), index=None, key="jump",
+                                 on_change=_jump, placeholder="feature id")
             with tab_all:
                 st.plotly_chart(plots.density_histogram(table), key="density")
                 min_d = st.slider("min log10 density", -6.0, 0.0, -6.0, 0.5, key="min_density")

@@ -44,7 +44,7 @@ if d is not None:
                         st.sidebar.warning("this trace has no token_ids to run through the model")
                     elif st.sidebar.button("overlay (loads the model)", key="overlay"):
                         from saetune.analysis.live import response_feature_acts
-                        model_path, sae_path, hook = live
+                        model_path, sae_path, hook, _ = live
                         with st.spinner("loading the model and the SAE …"):
                             m, tok, sae = ui.model_and_sae(model_path, sae_path)
                         if feat >= sae.cfg.d_sae:

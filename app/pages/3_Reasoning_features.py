@@ -29,8 +29,8 @@ if d is not None:
         live = ui.find_sae_and_model(d)
         if live is not None and st.button("compute now (loads the model)", key="compute"):
             with ui.guard("the reasoning-feature analysis"), st.spinner("running the prompt through the model …"):
-                m, tok, sae = ui.model_and_sae(live[0], live[1])
-                st.session_state["reasoning_records"] = rf.reasoning_feature_records(m, tok, {live[2]: sae})
+                m, tok, _ = ui.model_and_sae(live[0], live[1])
+                st.session_state["reasoning_records"] = rf.reasoning_feature_records(m, tok, ui.all_saes(live[3]))
         records = st.session_state.get("reasoning_records")
 
     if records is not None:
