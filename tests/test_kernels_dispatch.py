@@ -46,7 +46,7 @@ def test_cpu_default_does_not_import_triton_kernels():
     assert out.stdout.strip() == "False"
 
 
-def _curve(mode, arch, optimizer, auxk, monkeypatch, steps=4):
+def _curve(mode, arch, optimizer, auxk, monkeypatch, steps=3):
     from saetune.sae import SAE, SAEConfig
     from saetune.train_sae import SAETrainer, TrainSAEConfig
     monkeypatch.setenv("SAETUNE_KERNELS", mode)
