@@ -67,7 +67,8 @@ class FeaturesConfig(DataConfig):
                        "of per-hook SAE dirs")
     hook: list[str] = opt(factory=list, help="hooks to describe when the SAE dir holds several (default: all)")
     model: str = opt("", "model the SAE reads (default: the one recorded with the SAE)")
-    dataset: str = opt("toy", "'toy', a local .jsonl/.json/.parquet file, or a Hugging Face dataset id")
+    dataset: str = opt("", "'toy', a local .jsonl/.json/.parquet file, or a Hugging Face dataset id; '' = the "
+                           "dataset (and template, fields, context size) the SAE was trained on, else 'toy'")
     max_examples: int = opt(3000, "records to read (0 = all; for 'toy', how many traces to make)")
     data_seed: int = opt(1, "seed of the toy traces (the demo SAE trains on seed 0, so 1 is held out)")
     n_tokens: int = opt(65536, "tokens to analyse (whole packed chunks, at most this many)")
@@ -410,6 +411,22 @@ def build_hook_features(cfg: FeaturesConfig, model, tokenizer, sae, hook: str, c
     return meta
 
 
+def training_data(cfg: FeaturesConfig, sae_run: Path | None) -> FeaturesConfig:
+    """``cfg`` with an empty ``dataset`` filled from the SAE run's config (its dataset, template,
+    fields and context size; a toy SAE's traces get this config's own ``data_seed``), else 'toy'."""
+    import dataclasses
+
+    from .rundirs import read_config
+    if cfg.dataset:
+        return cfg
+    saved = (read_config(sae_run) or {}) if sae_run is not None else {}
+    keep = ("dataset", "split", "template", "text_field", "problem_field", "answer_field", "response_field",
+            "context_size")
+    found = {k: saved[k] for k in keep if saved.get(k) not in (None, "")}
+    found.setdefault("dataset", "toy")
+    return dataclasses.replace(cfg, **found)
+
+
 def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = False,
              overwrite: bool = False) -> dict[str, Any]:
     """Run ``saetune features`` into run dir ``out``; returns a summary per hook."""
@@ -425,15 +442,16 @@ def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = 
         raise SaetuneError("features needs --sae: a train-sae run dir or an SAE dir")
     sae_dirs, sae_run = find_saes(cfg.sae, cfg.hook or None)
     model_name = cfg.model or recorded_model(sae_dirs, sae_run)
+    data_cfg = training_data(cfg, sae_run)
     device = resolve_device(cfg.device)
     run = RunDir.open(out, "features", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device)
     try:
         with run.phase("load"):
             model, tok = load_model(model_name, dtype=cfg.model_dtype, device=device)
             saes = {h: SAE.load(p) for h, p in sae_dirs.items()}
-            chunks = load_chunks(cfg, tok)
+            chunks = load_chunks(data_cfg, tok)
             chunks = chunks[:max(1, cfg.n_tokens // chunks.shape[1])]
-        run.add_input("model", model_name, None if Path(model_name).exists() else "hub")
+        run.add_input("model", model_name)
         for h, p in sae_dirs.items():
             run.add_input(f"sae:{h}", p)
         summary = {}
@@ -442,11 +460,16 @@ def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = 
                 _log(cfg, f"{h}: {chunks.numel():,} tokens, {sae.cfg.d_sae} features")
                 meta = build_hook_features(cfg, model, tok, sae, h, chunks, run.path / "features" / h,
                                            sources={"model": model_name, "sae": str(sae_dirs[h]),
-                                                    "dataset": cfg.dataset, "data_seed": cfg.data_seed})
+                                                    "dataset": data_cfg.dataset, "data_seed": data_cfg.data_seed,
+                                                    "template": data_cfg.template})
             summary[h] = {k: meta[k] for k in ("d_sae", "n_tokens", "n_included_tokens", "dead_features", "seconds")}
             _log(cfg, f"{h}: {meta['seconds']['total']:.1f} s")
         with run.phase("reasoning"):
-            rec = reasoning_feature_records(model, tok, saes, cfg.reasoning_prompt or None)
+            try:
+                rec = reasoning_feature_records(model, tok, saes, cfg.reasoning_prompt or None)
+            except SaetuneError as e:  # e.g. a prompt without the tags: the feature data stands on its own
+                rec = {"prompt": cfg.reasoning_prompt, "hooks": {}, "error": str(e)}
+                _log(cfg, f"reasoning features skipped: {e}")
             rec["threshold"] = cfg.reasoning_threshold
             atomic_write_json(run.path / "features" / "reasoning.json", rec)
         run.add_artifact("features", "features")

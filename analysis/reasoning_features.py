@@ -75,10 +75,16 @@ def reasoning_feature_records(model, tokenizer, saes: dict[str, Any], prompt: st
     from saetune.models import resolve_hook, run_to_hooks
 
     text = prompt or R1_ZERO_SYSTEM
-    enc = tokenizer(text, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    open_pos, close_pos = tag_positions(text, offsets, THINK_OPEN), tag_positions(text, offsets, THINK_CLOSE)
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        open_pos, close_pos = tag_positions(text, offsets, THINK_OPEN), tag_positions(text, offsets, THINK_CLOSE)
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets: match the tags as tokens
+        ids = tokenizer(text)["input_ids"]
+        o, c = tokenizer.convert_tokens_to_ids(THINK_OPEN), tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+        open_pos = [t for t, i in enumerate(ids) if i == o]
+        close_pos = [t for t, i in enumerate(ids) if i == c]
     tags = set(open_pos) | set(close_pos)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     other = np.array([t not in tags and ids[t] not in special for t in range(len(ids))])

@@ -92,6 +92,17 @@ def metrics(run: Path) -> list[dict]:
     return _metrics(str(run), rundirs.mtime_key(Path(run) / "metrics.jsonl"))
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def _traces_table(path: str, mtime: float):
+    from saetune.analysis.traces import TraceFile, traces_table
+    return traces_table(list(TraceFile(path)))
+
+
+def traces_table(path: str | Path):
+    """The one-row-per-trace table of a traces file (parsed once per modification)."""
+    return _traces_table(str(path), rundirs.mtime_key(path))
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _model_and_sae(model: str, sae: str, hook: str | None):
     from saetune.models import load_model

@@ -190,3 +190,12 @@ def test_reasoning_page_computes_on_request(run, monkeypatch):
     at.button(key="compute").click().run()
     assert not at.exception
     assert at.dataframe[0].value["hook"].tolist() == ["model.layers.1", "model.layers.2"]  # every SAE of the run
+
+
+def test_reasoning_page_shows_a_recorded_error(tmp_path, monkeypatch):
+    (tmp_path / "features" / "features").mkdir(parents=True)
+    (tmp_path / "features" / "manifest.json").write_text(json.dumps({"stage": "features", "status": "complete"}))
+    (tmp_path / "features" / "features" / "reasoning.json").write_text(json.dumps(
+        {"hooks": {}, "error": "the prompt must contain both <think> and </think>"}))
+    at = page("pages/3_Reasoning_features.py", tmp_path, monkeypatch)
+    assert "could not count reasoning features" in at.warning[0].value

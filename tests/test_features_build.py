@@ -11,7 +11,7 @@ import torch
 from explorer_fixtures import FEATURES_KW, pipeline_dir
 from saetune.analysis.feature_data import FeatureData, feature_dirs
 from saetune.analysis.features import (FeaturesConfig, coactivation_neighbours, excluded_token_ids,
-                                       feature_stats)
+                                       feature_stats, training_data)
 from saetune.errors import SaetuneError
 
 HOOK = "model.layers.2"
@@ -31,7 +31,8 @@ def dense(run):
 
     model, tok = load_model(str(run / "toy-base" / "model"), device="cpu")
     sae = SAE.load(run / "sae", hook=HOOK)
-    cfg = FeaturesConfig(sae="x", **FEATURES_KW)
+    cfg = training_data(FeaturesConfig(sae="x", **FEATURES_KW), run / "sae")
+    assert (cfg.dataset, cfg.context_size, cfg.data_seed) == ("toy", 128, 1)  # from the SAE run; seed held out
     chunks = load_chunks(cfg, tok)
     chunks = chunks[:cfg.n_tokens // chunks.shape[1]]
     hp = resolve_hook(model, HOOK)
@@ -170,10 +171,15 @@ def test_cli_features(run, tmp_path, capsys):
     from saetune.cli import main
     out = tmp_path / "f"
     rc = main(["features", "--sae", str(run / "sae"), "--hook", "model.layers.1", "--out", str(out), "--n-tokens",
-               "1024", "--max-examples", "60", "--n-top", "3", "--no-progress"])
+               "1024", "--max-examples", "60", "--n-top", "3", "--reasoning-prompt", "no tags here", "--no-progress"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["model.layers.1"]["n_tokens"] == 1024
     assert list(feature_dirs(out)) == ["model.layers.1"]
+    # a prompt without the tags: the feature data is written, the reasoning record says why it is empty
+    rec = json.loads((out / "features" / "reasoning.json").read_text())
+    assert rec["hooks"] == {} and "<think>" in rec["error"]
+    assert training_data(FeaturesConfig(sae="x", dataset="data.jsonl"), run / "sae").dataset == "data.jsonl"
+    assert training_data(FeaturesConfig(sae="x"), None).dataset == "toy"
     rc = main(["features", "--sae", str(tmp_path / "missing"), "--out", str(tmp_path / "g")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     rc = main(["features", "--sae", str(run / "sae"), "--hook", "model.layers.7", "--out", str(tmp_path / "h")])

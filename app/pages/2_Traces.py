@@ -24,7 +24,7 @@ if d is not None:
             if len(tf) == 0:
                 st.warning(f"{name} holds no complete trace yet.")
             else:
-                table = tr.traces_table(list(tf))
+                table = ui.traces_table(files[name])
                 with st.expander(f"all {len(tf)} traces", expanded=False):
                     st.dataframe(table, hide_index=True, height=240)
                 i = int(st.sidebar.number_input("trace", 0, len(tf) - 1, 0, key="trace"))

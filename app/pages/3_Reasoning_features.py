@@ -23,6 +23,9 @@ if d is not None:
         if not isinstance(records, dict) or "hooks" not in records:
             st.error(f"{sources[name]} is not readable yet (a stage may still be writing it).")
             records = None
+        elif records.get("error"):
+            st.warning(f"The features stage could not count reasoning features: {records['error']}")
+            records = None
     else:
         st.info("No `features/reasoning.json` in this run dir (`saetune features` writes it for every SAE it "
                 "describes). You can compute it here from the run's SAE and model.")
