@@ -18,7 +18,7 @@ if d is not None:
         sae_runs = [r.name for r in d.runs if (r.path / "sae").is_dir()]
         st.info("No feature data in this run dir yet. Build it with "
                 f"`saetune features --sae {d.root / (sae_runs[0] if sae_runs else 'SAE_RUN')} "
-                f"--out {d.root / 'features'}` (a few seconds for the demo SAE)."
+                f"--out {d.root / 'features'}` (seconds for the demo SAE)."
                 if d.kind == "pipeline" or sae_runs else
                 "No feature data here: point the explorer at a run made by `saetune features`.")
     else:
