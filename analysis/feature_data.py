@@ -111,9 +111,8 @@ class FeatureData:
         with open(self.path / "examples.jsonl", "rb") as f:
             f.seek(a)
             rec = json.loads(f.read(b - a))
-        sep = self.meta.get("token_separator", "")
         for ex in rec["top"] + [e for g in rec["quantiles"] for e in g["examples"]]:
-            ex["tokens"] = [(sep if j else "") + self.token(t) for j, t in enumerate(ex["ids"])]
+            ex["tokens"] = [self.token(t).lstrip() if j == 0 else self.token(t) for j, t in enumerate(ex["ids"])]
         return rec
 
     def histogram(self, i: int) -> tuple[np.ndarray, np.ndarray]:

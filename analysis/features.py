@@ -33,9 +33,8 @@ On-disk layout (``<run>/features/``; :mod:`saetune.analysis.feature_data` reads 
         EX = {"ids": [token ids], "acts": [activation per token], "peak": index of the token,
               "act": its activation, "seq": chunk index, "pos": position in the chunk}
     features/<hook>/examples.index.npy   int64 [F + 1] byte offsets of each line (seek, read one)
-    features/<hook>/tokens.json          {token id: text} for every id the files above use
-                                         (meta's ``token_separator`` goes between tokens: " " for
-                                         word-level tokenizers, "" for BPE)
+    features/<hook>/tokens.json          {token id: text} for every id the files above use, as the
+                                         token reads after another (its leading space kept)
     features/reasoning.json              think-token features per hook (see reasoning_features)
 """
 
@@ -125,25 +124,29 @@ def excluded_token_ids(tokenizer, extra: list[str] = ()) -> set[int]:
     return ids
 
 
-def token_separator(tokenizer, ids) -> str:
-    """What decoding puts between two tokens that per-token decoding loses: ``" "`` for word-level
-    tokenizers (the toy's), ``""`` for BPE ones, whose pieces carry their own spaces."""
-    ids = [int(i) for i in ids]
+def token_strings(tokenizer, ids) -> dict[int, str]:
+    """Each id's text as it reads after another token, leading space included when it has one.
+
+    Decoding one id alone loses that space for word-level tokenizers (the toy's) and
+    SentencePiece ones; decoding it after a reference token and cutting the reference off keeps
+    it (``decode([r, t])[len(decode([r])):]``), so BPE, SentencePiece and word-level tokens all
+    read right when concatenated.
+    """
+    ids = sorted({int(i) for i in ids})
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for a, b in zip(ids, ids[1:]):
-        if a in special or b in special:
-            continue
-        da, db, dab = tokenizer.decode([a]), tokenizer.decode([b]), tokenizer.decode([a, b])
-        if dab == da + " " + db and not db.startswith(" "):
-            return " "
-        return ""
-    return ""
+    ref = next((i for i in ids if i not in special and tokenizer.decode([i]).strip()), None)
+    base = tokenizer.decode([ref]) if ref is not None else ""
+    out = {}
+    for t in ids:
+        s = tokenizer.decode([ref, t]) if ref is not None else ""
+        out[t] = s[len(base):] if ref is not None and s.startswith(base) else tokenizer.decode([t])
+    return out
 
 
 def token_texts(tokenizer, ids) -> list[str]:
-    """Each token's text such that joining them reads like the decoded text."""
-    sep = token_separator(tokenizer, ids)
-    return [(sep if i else "") + tokenizer.decode([int(t)]) for i, t in enumerate(ids)]
+    """The texts of a token sequence, concatenating to read like the decoded text."""
+    m = token_strings(tokenizer, ids)
+    return [m[int(t)].lstrip() if i == 0 else m[int(t)] for i, t in enumerate(ids)]
 
 
 # ---- the maths (pure numpy / torch) -------------------------------------------------------
@@ -381,7 +384,7 @@ def build_hook_features(cfg: FeaturesConfig, model, tokenizer, sae, hook: str, c
     for key in ("logit_pos_ids", "logit_neg_ids"):
         used.update(np.unique(logits[key]).tolist())
     used.update(int(t) for t in np.unique(top_token_ids) if t >= 0)
-    vocab = {int(t): tokenizer.decode([int(t)]) for t in sorted(used)}
+    vocab = token_strings(tokenizer, used)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(st[k])) for k in ("count", "density", "mean_act", "max_act", "hist")}
@@ -401,7 +404,6 @@ def build_hook_features(cfg: FeaturesConfig, model, tokenizer, sae, hook: str, c
         "architecture": sae.cfg.architecture, "k": sae.cfg.k,
         "n_tokens": int(len(ids_flat)), "n_included_tokens": int(included.sum()), "context_size": int(T),
         "excluded_token_ids": sorted(excluded), "excluded_first_position": bool(cfg.exclude_special),
-        "token_separator": token_separator(tokenizer, ids_flat[:256].tolist()),
         "dead_features": int((st["count"] == 0).sum()),
         "settings": {k: getattr(cfg, k) for k in ("hist_bins", "n_top", "n_quantiles", "n_per_quantile",
                                                   "context_before", "context_after", "n_logits", "n_neighbours")},

@@ -53,8 +53,8 @@ def test_layout_and_meta(run):
         assert (d / name).exists()
     meta = json.loads((d / "meta.json").read_text())
     assert meta["n_tokens"] == 4096 and meta["d_sae"] == 256 and 0 < meta["n_included_tokens"] < 4096
-    assert meta["token_separator"] == " "  # the toy's word-level tokenizer decodes with spaces
     ex = FeatureData(d).examples(int(np.argmax(FeatureData(d).array("count"))))["top"][0]
+    # the toy's word-level tokens read with their spaces
     assert all(t.startswith(" ") for t in ex["tokens"][1:]) and not ex["tokens"][0].startswith(" ")
     assert (run / "features" / "features" / "reasoning.json").exists()
     m = json.loads((run / "features" / "manifest.json").read_text())
@@ -184,3 +184,21 @@ def test_cli_features(run, tmp_path, capsys):
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     rc = main(["features", "--sae", str(run / "sae"), "--hook", "model.layers.7", "--out", str(tmp_path / "h")])
     assert rc == 2 and "no SAE for hook" in capsys.readouterr().err
+
+
+def test_token_texts_keep_spaces_for_bpe_and_word_level():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from saetune.analysis.features import token_texts
+    from saetune.toy.tokenizer import build_tokenizer
+
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "Ġ": 1, "b": 2, "Ġb": 3, "c": 4}, merges=[("Ġ", "b")]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    ids = tok("a bc")["input_ids"]
+    assert "".join(token_texts(tok, ids)) == tok.decode(ids) == "a bc"
+    toy = build_tokenizer()
+    ids = toy("User : compute ( 3 + 4 ) .")["input_ids"]
+    assert "".join(token_texts(toy, ids)) == toy.decode(ids)
