@@ -51,7 +51,7 @@ def _select_row(row_ptr, mask_ptr, n, k, out_v, out_i, USE_MASK: tl.constexpr, B
     prefix = tl.zeros((), dtype=tl.int64)
     n_gt = tl.zeros((), dtype=tl.int32)  # keys known to be above the prefix (in a higher digit)
     for p in tl.static_range(32 // BITS):
-        shift: tl.constexpr = 32 - BITS * (p + 1)
+        shift = 32 - BITS * (p + 1)
         hist = tl.zeros((2 * NDIG,), dtype=tl.int32)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
