@@ -73,6 +73,8 @@ def server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("saetune explore did not answer within 60 s")
+    log.seek(0)
+    assert f"http://127.0.0.1:{port}" in log.read()  # bound to localhost unless told otherwise
     yield url, proc, run
     proc.terminate()
     try:
@@ -87,7 +89,6 @@ def test_explorer_in_chromium(server, tmp_path):
 
     assert Path(CHROMIUM).exists(), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
     url, proc, run = server
-    assert ":127.0.0.1:" not in url  # bound to localhost
     dialogs: list[str] = []
     shots = {}
     with sync_playwright() as pw:
