@@ -124,10 +124,21 @@ def rpr_token_hits(tokens: Sequence[str], text: str, hits: dict[str, Sequence[Se
 
 
 def trace_tokens(rec: dict[str, Any]) -> list[str]:
-    """The trace's response tokens (whitespace split of the response when it lacks ``tokens``)."""
+    """The trace's response tokens for display (whitespace split of the response when it lacks
+    ``tokens``). Tokens decoded one by one lose the spaces between them (word-level and
+    SentencePiece tokenizers); the whitespace the response has between two tokens is put back."""
     toks = rec.get("tokens")
     if isinstance(toks, list) and toks:
-        return [str(t) for t in toks]
+        toks = [str(t) for t in toks]
+        resp = str(rec.get("response", ""))
+        if not resp or "".join(toks) == resp:
+            return toks
+        out, cursor = [], 0
+        for t, (a, b) in zip(toks, token_offsets(toks, resp)):
+            gap = resp[cursor:a]
+            out.append(gap + t if b > a and gap.isspace() and not t.startswith(gap) else t)
+            cursor = max(cursor, b)
+        return out
     resp = str(rec.get("response", ""))
     words = resp.split(" ")
     return [w if i == 0 else " " + w for i, w in enumerate(words)] if resp else []

@@ -104,6 +104,13 @@ def test_trace_views():
     assert tr.entropy_line(plain).data[1].x == (11, 7, 15)
 
 
+def test_trace_tokens_put_spaces_back():
+    rec = {"response": "<think> 3 + 4 = 7 . </think>", "tokens": ["<think>", "3", "+", "4", "=", "7", ".", "</think>"]}
+    assert "".join(tr.trace_tokens(rec)) == rec["response"]
+    bpe = {"response": "a bc d", "tokens": ["a", " b", "c", " d"]}
+    assert tr.trace_tokens(bpe) == bpe["tokens"]
+
+
 def test_token_offsets_fallback():
     assert tr.token_offsets(["ab", "c"], "abc") == [(0, 2), (2, 3)]
     assert tr.token_offsets(["ab", " c"], "ab  c") == [(0, 2), (4, 5)]
