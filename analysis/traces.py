@@ -84,10 +84,13 @@ def traces_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "max_entropy": float(np.max(ent)) if ent else None,
             "critical_position": r.get("critical_position"),
             "rpr_phrases": len(r.get("rpr_hits") or {}),
+            "step": r.get("step"), "group": r.get("group"), "branch": r.get("is_branch"),
+            "advantage": r.get("advantage"),
             "prompt": str(r.get("prompt", ""))[:80],
         })
     return pd.DataFrame(rows, columns=["trace", "reward", "correct", "n_tokens", "mean_entropy", "max_entropy",
-                                       "critical_position", "rpr_phrases", "prompt"])
+                                       "critical_position", "rpr_phrases", "step", "group", "branch", "advantage",
+                                       "prompt"])
 
 
 def token_offsets(tokens: Sequence[str], text: str) -> list[tuple[int, int]]:

@@ -63,6 +63,11 @@ if d is not None:
                 c[1].metric("correct", str(rec.get("correct", "—")))
                 c[2].metric("tokens", len(tr.trace_tokens(rec)))
                 c[3].metric("critical position", str(rec.get("critical_position", "—")))
+                details = {k: rec[k] for k in ("step", "group", "is_branch", "advantage", "answer", "truncated",
+                                                "tool_calls") if k in rec}
+                if details:
+                    st.text(" · ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"  # text: no markdown
+                                       for k, v in details.items()))
                 st.markdown("**prompt**")
                 ui.html(sxh.token_highlight_html([str(rec.get("prompt", ""))], None))
                 st.markdown("**response**")

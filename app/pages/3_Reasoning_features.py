@@ -24,7 +24,8 @@ if d is not None:
             st.error(f"{sources[name]} is not readable yet (a stage may still be writing it).")
             records = None
         elif records.get("error"):
-            st.warning(f"The features stage could not count reasoning features: {records['error']}")
+            st.warning("The features stage could not count reasoning features: "
+                       f"`{str(records['error']).replace('`', chr(39))}`")
             records = None
     else:
         st.info("No `features/reasoning.json` in this run dir (`saetune features` writes it for every SAE it "
@@ -67,5 +68,5 @@ if d is not None:
                 st.dataframe(rf.reasoning_feature_table(records, hook, thr), hide_index=True)
             with st.expander("the prompt"):
                 st.text(records.get("prompt", ""))
-                st.caption(f"<think> at token positions {records.get('open_positions')}, </think> at "
-                           f"{records.get('close_positions')}")
+                st.text(f"<think> at token positions {records.get('open_positions')}, </think> at "
+                        f"{records.get('close_positions')}")
