@@ -88,7 +88,19 @@ def comparison_table(path: str | Path | Discovery) -> pd.DataFrame:
                 })
     have = {r["model"] for r in rows}
     rows += [r for r in summary_rows(d.summary or {}) if r["model"] not in have]
+    rows.sort(key=lambda r: _role(str(r["model"])))  # stable: base, source, SAE-tuned, controls, others
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _role(model: str) -> int:
+    m = model.lower()
+    if m.startswith("base") or m == "toy-base":
+        return 0
+    if m.startswith("source"):
+        return 1
+    if "tune" in m:
+        return 2
+    return 3 if m.startswith("control") else 4
 
 
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:

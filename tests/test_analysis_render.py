@@ -243,8 +243,8 @@ def test_comparison_table(tmp_path):
     (root / "summary.json").write_text(json.dumps({"accuracy": {
         "tune": {"accuracy": 0.9, "ci95": [0.8, 1.0], "n": 10}, "source": {"accuracy": 0.7, "ci95": [0.6, 0.8], "n": 10}}}))
     t = compare.comparison_table(root)
-    assert t["model"].tolist() == ["base", "tune", "source"] and t["accuracy"].tolist() == [0.2, 0.4, 0.7]
-    assert t.iloc[2]["ci_lo"] == 0.6
+    assert t["model"].tolist() == ["base", "source", "tune"] and t["accuracy"].tolist() == [0.2, 0.7, 0.4]
+    assert t.iloc[1]["ci_lo"] == 0.6
 
 
 def test_resolve_recorded_path(tmp_path):

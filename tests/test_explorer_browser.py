@@ -128,6 +128,11 @@ def test_explorer_in_chromium(server, tmp_path):
         page.get_by_text("threshold", exact=False).first.wait_for(timeout=60_000)
         page.wait_for_timeout(800)
         shots["explorer_reasoning.png"] = page.screenshot(full_page=False)
+
+        page.goto(url + "/Compare")
+        page.get_by_role("heading", name="time and cost per stage").wait_for(timeout=60_000)
+        page.wait_for_timeout(1200)
+        shots["explorer_compare.png"] = page.screenshot(full_page=False)
         browser.close()
     assert dialogs == []
     rss = _rss_mib(proc.pid)
