@@ -74,6 +74,17 @@ class Dist:
         t = self.acc.reduce(t, reduction="mean")
         return dict(zip(keys, t.tolist()))
 
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place over ranks: ``sum``, ``mean`` or ``max`` (identity for one process)."""
+        if self.acc is None:
+            return t
+        import torch.distributed as dist
+        if op == "mean":
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t.div_(self.world)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return t
+
     def broadcast_object(self, obj: Any) -> Any:
         if self.acc is None:
             return obj

@@ -127,6 +127,7 @@ class SAETrainer:
         self.k_aux = cfg.auxk_k or sae.d_in // 2
         arch = sae.cfg.architecture
         self.renorm = cfg.normalize_decoder and arch in ("topk", "batchtopk")
+        self.dist = None  # saetune.distributed.Dist when several processes train (set by train_sae)
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
@@ -148,7 +149,7 @@ class SAETrainer:
             else:  # one autograd node for the whole SAE: the backward sorts the latents once
                 x_hat, v, i = topk_autoencode(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k)
             sq = (x_hat.float() - x).pow(2).sum()
-            f = loss = sq / total_variance(x).clamp_min(1e-12)
+            f = loss = sq / self._total_variance(x).clamp_min(1e-12)
             pos = (v.detach() > 0).to(torch.uint8)
             m["l0"] = pos.sum() / x.shape[0]
             m["mse"] = sq.detach() / x.shape[0]
@@ -191,17 +192,46 @@ class SAETrainer:
         m["loss"] = loss
         return loss, m, fired
 
+    def _total_variance(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_b ‖x_b − x̄‖² over the global batch (all ranks' rows), so FVU's denominator is the one-process one."""
+        if self.dist is None or self.dist.world == 1:
+            return total_variance(x)
+        xd = x.detach().double()  # float64: Σ‖x‖² − N‖x̄‖² cancels digits in float32
+        # [Σx (d), Σ‖x‖², N] summed over ranks; Σ‖x − x̄‖² = Σ‖x‖² − N‖x̄‖²
+        t = torch.cat([xd.sum(0), xd.pow(2).sum().reshape(1), torch.tensor([float(x.shape[0])], device=x.device,
+                                                                             dtype=torch.float64)])
+        t = self.dist.all_reduce_(t, "sum")
+        mean = t[:-2] / t[-1]
+        return (t[-2] - t[-1] * mean.pow(2).sum()).float()
+
+    def _sync_gradients(self) -> None:
+        """Sum (topk: each rank's loss already carries the global denominator) or average the SAE's grads."""
+        if self.dist is None or self.dist.world == 1:
+            return
+        op = "sum" if self.sae.cfg.architecture == "topk" else "mean"
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        flat = self.dist.all_reduce_(torch.cat([g.reshape(-1) for g in grads]), op)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
     def step(self, x: torch.Tensor, autocast: torch.dtype | None) -> dict[str, torch.Tensor]:
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss, m, fired = self.loss(x)
         loss.backward()
+        self._sync_gradients()
         # parallel-gradient removal, optimiser step, unit-norm decoder rows: one fused pass on CUDA
         sae_update(self.opt, self.sae, self.renorm)
         self.opt.zero_grad(set_to_none=True)
         if self.sae.cfg.architecture == "jumprelu":
             with torch.no_grad():
                 self.sae.threshold.clamp_(min=1e-6)
-        self.tokens_since_fired += x.shape[0]
+        world = 1 if self.dist is None else self.dist.world
+        if world > 1:
+            fired = self.dist.all_reduce_(fired.to(torch.uint8), "max").bool()
+            summed = ("fvu", "loss") if self.sae.cfg.architecture == "topk" else ()  # global denominators already
+            m = {k: self.dist.all_reduce_(v.detach().float().clone(), "sum" if k in summed else "mean")
+                 for k, v in m.items()}
+        self.tokens_since_fired += x.shape[0] * world
         self.tokens_since_fired[fired] = 0
         m["dead_frac"] = self.dead_mask().float().mean()
         return {k: v.detach() for k, v in m.items()}
@@ -295,13 +325,27 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
               overwrite: bool = False) -> dict[str, Any]:
     """Train the SAEs of ``cfg`` into a run dir; returns the results (also in ``results.json``)."""
     from tqdm.auto import tqdm
-    device = resolve_device(cfg.device)
-    run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
-                      resume_ignore=("progress", "log_every"))
-    run.manifest["n_gpus"] = 1 if device.startswith("cuda") else 0
+    from .distributed import Dist, FollowerRun, launched_world_size
+    world = launched_world_size()
+    if world > 1:
+        if out is None:
+            raise SaetuneError("a multi-process train-sae needs --out (every process must name the same run dir)")
+        if cfg.batch_size % world:
+            raise SaetuneError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly over {world} "
+                               "processes")
+    dist = Dist(resolve_device(cfg.device))
+    device = dist.device
+    if dist.is_main:
+        run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
+                          resume_ignore=("progress", "log_every"))
+        run.manifest["n_gpus"] = dist.world if device.startswith("cuda") else 0
+        run.manifest["world_size"] = dist.world
+    else:
+        run = FollowerRun(out)
+    dist.barrier()  # rank 0 has created (or cleaned) the run dir
     try:
         with run.phase("load"):
-            source = _DataSource(cfg, device)
+            source = _DataSource(cfg, device, dist.rank, dist.world)
         run.add_input("model", source.model_path)
         if cfg.activations:
             run.add_input("activations", cfg.activations, digest=source.store_digest)
@@ -313,11 +357,12 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
                            jumprelu_bandwidth=cfg.jumprelu_bandwidth, hook_name=hook, model_name=cfg.model)
             sae = _initial_sae(cfg, sc, hook) if cfg.init_from else SAE(sc, seed=cfg.seed + j)
             trainers.append((hook, SAETrainer(name, sae.to(device), cfg, device)))
+            trainers[-1][1].dist = dist
         n_steps = 0 if cfg.skip_training else source.n_steps
         start, tokens = load_checkpoint(run, [t for _, t in trainers]) if resume else (0, 0)
         run.truncate_metrics(start)
         autocast = torch.bfloat16 if (cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device != "cpu")) else None
-        bar = tqdm(total=n_steps, initial=start, desc="train-sae", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=n_steps, initial=start, desc="train-sae", unit="step", disable=not (cfg.progress and dist.is_main))
         t_train = time.perf_counter()
         last_ckpt = start
         with run.phase("train"):
@@ -327,7 +372,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
                 if step == 0 and cfg.init_b_dec == "mean" and not cfg.init_from:
                     with torch.no_grad():
                         for hook, t in trainers:
-                            t.sae.b_dec.copy_(batch[hook].mean(0))
+                            t.sae.b_dec.copy_(dist.all_reduce_(batch[hook].mean(0), "mean"))  # equal slices
                 if cfg.optimizer == "adam" and cfg.warmup_steps:
                     for _, t in trainers:
                         t.set_lr(t.lr * min(1.0, (step + 1) / cfg.warmup_steps))
@@ -349,7 +394,9 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
                     run.log(rec)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k.endswith(("fvu", "l0"))})
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n_steps:
-                    save_checkpoint(run, [t for _, t in trainers], done, tokens, cfg.keep_checkpoints)
+                    if dist.is_main:
+                        save_checkpoint(run, [t for _, t in trainers], done, tokens, cfg.keep_checkpoints)
+                    dist.barrier()
                     last_ckpt = done
                 bar.update(1)
         bar.close()
@@ -357,6 +404,10 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
         for _, t in trainers:
             if is_schedule_free(t.opt):
                 t.opt.eval()  # averaged weights: what Resa saves and evaluates
+        if not dist.is_main:
+            dist.barrier()  # rank 0 saves and evaluates
+            dist.end()
+            return {}
         with run.phase("save"):
             for _, t in trainers:
                 t.sae.eval()
@@ -371,6 +422,8 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
         atomic_write_json(run.path / "results.json", results)
         shutil.rmtree(_checkpoint_dir(run), ignore_errors=True)
         run.finish(results=results, train_seconds=round(train_seconds, 3), steps=n_steps)
+        dist.barrier()
+        dist.end()
         return results
     except KeyboardInterrupt:
         run.fail("interrupted")
@@ -383,8 +436,8 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
 class _DataSource:
     """Batches of activations: from a store, or computed on the fly from the model."""
 
-    def __init__(self, cfg: TrainSAEConfig, device: str):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: TrainSAEConfig, device: str, rank: int = 0, world: int = 1):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.model = self.tok = None
         self.store_digest = None
         if cfg.activations:
@@ -404,9 +457,16 @@ class _DataSource:
             chunks = load_chunks(cfg, self.tok)
             if cfg.eval_seqs and chunks.shape[0] > cfg.eval_seqs * 2:  # hold out the last sequences
                 self.eval_chunks, chunks = chunks[-cfg.eval_seqs:], chunks[:-cfg.eval_seqs]
+            total = chunks.shape[0] // seqs
+            if world > 1:  # each rank computes its own slice of every global batch: its own stream
+                if seqs % world:
+                    raise SaetuneError(f"{seqs} sequences per batch (batch_size / context_size) do not divide over "
+                                       f"{world} processes")
+                per = seqs // world
+                chunks = chunks[:total * seqs].view(total, seqs, -1)[:, rank * per:(rank + 1) * per].reshape(-1, chunks.shape[1])
+                seqs = per
             self.chunks = chunks
             self.seqs = seqs
-            total = chunks.shape[0] // seqs
         want = cfg.total_tokens // cfg.batch_size if cfg.total_tokens else total
         self.n_steps = min(total, want, cfg.max_steps or total)
         if self.n_steps < 1:
@@ -428,9 +488,11 @@ class _DataSource:
     def batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.cfg
         if cfg.activations:
+            per = cfg.batch_size // self.world  # this rank's rows of each global batch
+            lo = self.rank * per
             for b in self.store.iter_batches(cfg.hooks, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
                                              start_batch=start):
-                yield {h: v.to(self.device) for h, v in b.items()}
+                yield {h: v[lo:lo + per].to(self.device) for h, v in b.items()}
         else:
             yield from stream_batches(self.model, self.chunks, list(self.hps.values()), self.seqs, start)
 
