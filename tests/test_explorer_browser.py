@@ -98,8 +98,8 @@ def test_explorer_in_chromium(server, tmp_path):
 
         t0 = time.perf_counter()
         page.goto(url + "/Features")
-        page.get_by_role("heading", name="feature", exact=False).first.wait_for(timeout=60_000)
-        page.locator(".sx-tokens").first.wait_for(timeout=60_000)
+        page.get_by_role("heading", name="feature", exact=False).first.wait_for(timeout=120_000)
+        page.locator(".sx-tokens").first.wait_for(timeout=120_000)
         features_load = time.perf_counter() - t0
         page.wait_for_timeout(800)  # let the plotly charts draw
         page.set_viewport_size({"width": 1400, "height": 1700})  # Streamlit scrolls inside the page: grow it
@@ -108,29 +108,29 @@ def test_explorer_in_chromium(server, tmp_path):
         page.set_viewport_size({"width": 1400, "height": 1000})
 
         page.goto(url + "/Traces")
-        page.locator(".sx-tokens").first.wait_for(timeout=60_000)
+        page.locator(".sx-tokens").first.wait_for(timeout=120_000)
         page.wait_for_timeout(800)
         shots["explorer_traces.png"] = page.screenshot(full_page=False)
         if not os.environ.get("SAETUNE_EXPLORE_RUN_DIR"):
             box = page.get_by_label("trace", exact=True)
             box.fill("1")
             box.press("Enter")
-            page.get_by_text(XSS[:25], exact=False).first.wait_for(timeout=30_000)
+            page.get_by_text(XSS[:25], exact=False).first.wait_for(timeout=60_000)
             assert page.locator("img[src=x]").count() == 0
             assert page.evaluate("document.querySelectorAll('.sx-tokens script').length") == 0
 
         t0 = time.perf_counter()  # the same page again: caches warm, the browser's assets loaded
         page.goto(url + "/Features")
-        page.locator(".sx-tokens").first.wait_for(timeout=60_000)
+        page.locator(".sx-tokens").first.wait_for(timeout=120_000)
         features_reload = time.perf_counter() - t0
 
         page.goto(url + "/Reasoning_features")
-        page.get_by_text("threshold", exact=False).first.wait_for(timeout=60_000)
+        page.get_by_text("threshold", exact=False).first.wait_for(timeout=120_000)
         page.wait_for_timeout(800)
         shots["explorer_reasoning.png"] = page.screenshot(full_page=False)
 
         page.goto(url + "/Compare")
-        page.get_by_role("heading", name="time and cost per stage").wait_for(timeout=60_000)
+        page.get_by_role("heading", name="time and cost per stage").wait_for(timeout=120_000)
         page.wait_for_timeout(1200)
         shots["explorer_compare.png"] = page.screenshot(full_page=False)
         browser.close()
