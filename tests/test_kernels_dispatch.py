@@ -3,10 +3,12 @@ the Triton kernels on vs off: the same loss curve."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported: kernels run on the CPU
+import torch
+
+if not torch.cuda.is_available():  # no GPU: the kernels run in Triton's interpreter (set before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 from saetune.errors import SaetuneError
 from saetune.kernels import dispatch

@@ -3,10 +3,12 @@
 import copy
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported: kernels run on the CPU
+import torch
+
+if not torch.cuda.is_available():  # no GPU: the kernels run in Triton's interpreter (set before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 

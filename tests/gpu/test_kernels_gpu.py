@@ -1,5 +1,7 @@
 """GPU checks of the Triton kernels (compiled, not interpreted): fast path equals the torch path at
-realistic shapes, bf16 dot in the entropy kernel, no host syncs in the SAE step. Skipped without CUDA."""
+realistic shapes, bf16 dot in the entropy kernel, no host syncs in the SAE step, entropy memory.
+Skipped without CUDA, and under TRITON_INTERPRET=1 (which `make test` sets): run them with
+``python -m pytest tests/gpu`` on a GPU machine."""
 
 import os
 
