@@ -697,7 +697,7 @@ def _train(cfg: RLConfig, run: RunDir, device: str, resume: bool, reward_fns, tq
             run.manifest["eval_before"] = evaluate_policy(policy, tok, cfg, max_new, stop_ids)
         run.write_manifest()
     bar = tqdm(total=cfg.steps, initial=start, desc="rl", unit="step", disable=not cfg.progress)
-    t_train = time.perf_counter()
+    t_train, c_train = time.perf_counter(), time.process_time()
     with run.phase("train"):
         for step in range(start, cfg.steps):
             row = train_step(ctx, step)
@@ -710,6 +710,7 @@ def _train(cfg: RLConfig, run: RunDir, device: str, resume: bool, reward_fns, tq
                                                          "tokens": ctx["tokens"]}, cfg.keep_checkpoints)
     bar.close()
     train_seconds = time.perf_counter() - t_train
+    train_cpu_seconds = time.process_time() - c_train  # this process's CPU time: honest on a shared machine
     with run.phase("save"):
         final = policy.merge_and_unload() if lora else policy
         tmp = run.path / ".tmp-model"
@@ -729,7 +730,8 @@ def _train(cfg: RLConfig, run: RunDir, device: str, resume: bool, reward_fns, tq
         "entropy_before": before["entropy_mean"] if before else None,
         "entropy_after": after["entropy_mean"] if after else None,
         "eval_problems": cfg.eval_problems, "steps": cfg.steps, "tokens": ctx["tokens"],
-        "train_seconds": round(train_seconds, 3), "final_reward_mean": rows[-1]["reward_mean"] if rows else None,
+        "train_seconds": round(train_seconds, 3), "train_cpu_seconds": round(train_cpu_seconds, 3),
+        "final_reward_mean": rows[-1]["reward_mean"] if rows else None,
         "model_dir": str(run.path / "model"), "cure": cfg.cure, "finetune": cfg.finetune,
     }
     atomic_write_json(run.path / "results.json", results)

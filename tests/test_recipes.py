@@ -8,12 +8,13 @@ import pytest
 from saetune.config import load_config, read_yaml, resolve_recipe
 from saetune.errors import SaetuneError
 from saetune.pipeline import load_pipeline, run_pipeline
+from saetune.rl.trainer import RLConfig
 from saetune.train_sae import TrainSAEConfig
 from saetune.tuning import TuneConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "saetune" / "recipes").glob("*.yaml"))
 PER_VERB = {"resa_stage1": TrainSAEConfig, "toy_stage1": TrainSAEConfig, "resa_stage2": TuneConfig,
-            "toy_tune": TuneConfig}
+            "toy_tune": TuneConfig, "toy_rl": RLConfig}
 PIPELINES = {"resa_still_v5", "resa_deepscaler_v3", "resa_modularity"}
 
 
