@@ -52,6 +52,12 @@ def _curve(mode, arch, optimizer, auxk, monkeypatch, steps=3):
     from saetune.sae import SAE, SAEConfig
     from saetune.train_sae import SAETrainer, TrainSAEConfig
     monkeypatch.setenv("SAETUNE_KERNELS", mode)
+    if mode == "triton":  # the fused optimiser pass must really run, not fall back to the torch sweeps
+        from saetune.kernels import triton_optim
+
+        def no_fallback(*args):
+            raise AssertionError("sae_update_triton fell back to the torch reference")
+        monkeypatch.setattr(triton_optim, "sae_update_torch", no_fallback)
     d, n, k = 7, 19, 3
     cfg = TrainSAEConfig(d_sae=[n], k=[k], optimizer=optimizer, architecture=arch, auxk_coef=auxk, auxk_k=4,
                          dead_tokens=6, lr=2e-2)
