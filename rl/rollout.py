@@ -88,7 +88,8 @@ class Rollout:
 
 
 # ------------------------------------------------------------------------------------------ stops
-def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int], stop_strings: Sequence[str], decode) -> tuple[list[int], bool]:
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int], stop_strings: Sequence[str],
+                decode) -> tuple[list[int], bool]:
     """``(kept ids, stopped)``: ``ids`` up to and including the first stop token or the token that
     completes the first stop string (``decode(list[int]) -> str``), whichever comes first."""
     stops = set(int(s) for s in stop_ids)
@@ -316,7 +317,8 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], params: Sample
                     ans = tokenizer(tool.answer(expr), add_special_tokens=False)["input_ids"]
                     responses[i] += ans
                     pmask[i] += [0] * len(ans)
-                    if len(responses[i]) < params.max_new_tokens and (not limit or len(prompts[i]) + len(responses[i]) < limit):
+                    room_left = not limit or len(prompts[i]) + len(responses[i]) < limit
+                    if len(responses[i]) < params.max_new_tokens and room_left:
                         nxt.append(i)
                     else:
                         truncated[i] = True

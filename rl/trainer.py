@@ -63,8 +63,9 @@ class RLConfig:
     problem_field: str = opt("problem", "dataset field holding the question")
     answer_field: str = opt("answer", "dataset field holding the gold answer")
     template: Literal["chat", "r1zero", "raw"] = opt("chat", "prompt template for non-toy datasets")
-    algorithm: Literal["dapo", "grpo"] = opt("dapo", "fills the unset loss settings: dapo = clip 0.2/0.28, token-mean, "
-                                                      "dynamic sampling; grpo = clip 0.2/0.2, seq-mean-token-mean, none")
+    algorithm: Literal["dapo", "grpo"] = opt("dapo", "fills the unset loss settings: dapo = clip 0.2/0.28, "
+                                                      "token-mean, dynamic sampling; grpo = clip 0.2/0.2, "
+                                                      "seq-mean-token-mean, none")
     finetune: Literal["full", "lora"] = opt("full", "train every weight (CURE's recipe) or LoRA adapters (merged at "
                                                      "the end)")
     lora_r: int = opt(16, "LoRA rank")
@@ -337,7 +338,8 @@ def score_rewards(samples: list[Sample], specs: list[RewardSpec], cfg: RLConfig,
         if s.is_branch and cfg.cure_branch_reward == "full":
             text = tok.decode(s.context_ids[len(s.problem["prompt_ids"]):], skip_special_tokens=False) + " " + text
         try:
-            total, parts = compose_rewards(specs, response=text, text=text, answer=s.problem["answer"], prompt=s.problem["prompt"],
+            total, parts = compose_rewards(specs, response=text, text=text, answer=s.problem["answer"],
+                                           prompt=s.problem["prompt"],
                                            problem=s.problem["problem"], length=len(s.response_ids),
                                            tool_calls=s.tool_calls)
         except SaetuneError as e:
@@ -376,7 +378,8 @@ def group_advantages(samples: list[Sample], cfg: RLConfig) -> torch.Tensor:
                            scale_by_std=cfg.scale_adv_by_std).float()
 
 
-def update(policy, opt, params, samples: list[Sample], cfg: RLConfig, pad_id: int, device, ref=None) -> dict[str, float]:
+def update(policy, opt, params, samples: list[Sample], cfg: RLConfig, pad_id: int, device,
+           ref=None) -> dict[str, float]:
     """``ppo_epochs`` × ``mini_batches`` clipped policy-gradient steps on ``samples``; averaged metrics."""
     adv = group_advantages(samples, cfg)  # (B,)
     bt = batch_tensors(samples, pad_id)
@@ -726,7 +729,8 @@ def _train(cfg: RLConfig, run: RunDir, device: str, resume: bool, reward_fns, tq
     before = run.manifest.get("eval_before")
     rows = run.metrics()
     results = {
-        "accuracy_before": before["accuracy"] if before else None, "accuracy_after": after["accuracy"] if after else None,
+        "accuracy_before": before["accuracy"] if before else None,
+        "accuracy_after": after["accuracy"] if after else None,
         "entropy_before": before["entropy_mean"] if before else None,
         "entropy_after": after["entropy_mean"] if after else None,
         "eval_problems": cfg.eval_problems, "steps": cfg.steps, "tokens": ctx["tokens"],

@@ -60,7 +60,8 @@ def test_cure_groups_have_the_right_sizes_masks_and_advantages(cure_ctx):
         assert len(origs) == n1 and len(brs) == n1 * n2
         for s in origs:
             assert s.context_ids == problems[g]["prompt_ids"]
-            assert s.critical_position == 0 and not s.critical_candidates or s.critical_position in s.critical_candidates
+            no_cands = s.critical_position == 0 and not s.critical_candidates
+            assert no_cands or s.critical_position in s.critical_candidates
         for j in range(n1):
             mine = [b for b in brs if b.source == j]
             assert len(mine) == n2

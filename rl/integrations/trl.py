@@ -40,8 +40,9 @@ def completion_text(completion: Any) -> str:
 
 def _golds(kwargs: dict, field: str, n: int) -> list[Any]:
     if field not in kwargs:
+        cols = sorted(k for k in kwargs if k not in ("trainer_state", "log_extra", "log_metric"))
         raise SaetuneError(f"the dataset has no {field!r} column, which this reward grades against; columns passed "
-                           f"by TRL: {sorted(k for k in kwargs if k not in ('trainer_state', 'log_extra', 'log_metric'))}")
+                           f"by TRL: {cols}")
     golds = list(kwargs[field])
     if len(golds) != n:
         raise SaetuneError(f"{len(golds)} {field!r} values for {n} completions")
