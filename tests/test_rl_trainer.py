@@ -157,6 +157,17 @@ def test_lora_run_writes_a_merged_model(tmp_path):
     assert any(not torch.equal(w[k], v) for k, v in base.state_dict().items() if k in w)
 
 
+def test_kl_reference_80_20_entropy_bonus_and_one_shot(tmp_path):
+    cfg = RLConfig(**{**TINY, "steps": 1, "kl_coef": 0.1, "top_entropy_rho": 0.2, "entropy_coef": 1e-3,
+                      "one_shot_index": 3, "algorithm": "grpo", "trace_every": 1})
+    T.train(cfg, tmp_path / "rl")
+    row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the starting policy
+    assert 0.15 <= row["pg_token_frac"] <= 0.5 and row["entropy"] > 0  # 80/20: about the top fifth of tokens
+    recs = [json.loads(x) for x in (tmp_path / "rl" / "traces" / "step_000001.jsonl").read_text().splitlines()]
+    assert len({r["prompt"] for r in recs}) == 1 and len(recs) == 2 * 4  # one-shot: one problem, repeated
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_group_of_one_is_refused():
     with pytest.raises(SaetuneError, match="group_size=1.*no baseline"):
