@@ -364,3 +364,50 @@ def stream_batches(model, chunks: torch.Tensor, hooks: list[HookPoint], seqs_per
         ids = chunks[b * seqs_per_batch:(b + 1) * seqs_per_batch].to(device)
         acts = run_to_hooks(model, ids, hooks)
         yield {h: a.reshape(-1, a.shape[-1]).float() for h, a in acts.items()}
+
+
+def prefetch(batches: Iterator[dict[str, torch.Tensor]], depth: int = 2) -> Iterator[dict[str, torch.Tensor]]:
+    """Produce up to ``depth`` batches ahead in a background thread while the consumer trains on the
+    current one (the model forward and the SAE steps overlap; torch releases the GIL in its ops).
+
+    The order is the producer's, so results do not change; an exception in the producer is raised
+    here at the batch where it happened; closing this generator stops the producer.
+    """
+    if depth <= 0:
+        yield from batches
+        return
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=produce, name="saetune-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()  # at most the batch in flight: its hooks must not outlive this generator

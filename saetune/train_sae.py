@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal
 
 import torch
 
-from .activations import ActivationStore, resolve_device, stream_batches
+from .activations import ActivationStore, prefetch, resolve_device, stream_batches
 from .config import opt
 from .data import DataConfig, load_chunks
 from .errors import SaetuneError
@@ -77,6 +77,8 @@ class TrainSAEConfig(DataConfig):
                                                                  "CUDA (Resa), none on CPU")
     device: str = opt("auto", "'auto' (cuda if present), 'cpu' or 'cuda'")
     model_dtype: str = opt("float32", "dtype the model runs in for on-the-fly activations (Resa: bfloat16)")
+    prefetch: int = opt(2, "batches of activations produced ahead (model forward or store reads) in a background "
+                           "thread while the SAEs train; 0 = none")
     log_every: int = opt(10, "log metrics every N steps")
     checkpoint_every: int = opt(200, "write a resumable checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
@@ -486,6 +488,10 @@ class _DataSource:
         return self.model
 
     def batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches from ``start`` on, produced ``cfg.prefetch`` ahead while the SAEs train."""
+        return prefetch(self._batches(start), self.cfg.prefetch)
+
+    def _batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.cfg
         if cfg.activations:
             per = cfg.batch_size // self.world  # this rank's rows of each global batch
