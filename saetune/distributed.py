@@ -38,7 +38,8 @@ class Dist:
             from accelerate import Accelerator
             self.acc = Accelerator(cpu=not device.startswith("cuda"))
             self.rank = self.acc.process_index
-            self.device = str(self.acc.device)
+            dev = self.acc.device  # may read "cpu:0": code elsewhere compares device strings with "cpu"
+            self.device = "cpu" if dev.type == "cpu" else str(dev)
 
     @property
     def is_main(self) -> bool:

@@ -1,12 +1,8 @@
 """Data-parallel SAE training under torchrun (gloo, 2 CPU processes): each rank takes its slice of every
-global batch, gradients are all-reduced and FVU uses the global denominator, so the run follows the
-one-process run on the same global batch; a run killed in one process resumes in two.
-
-Why not bit-equal: the encoder GEMM over 256 rows and over 512 rows sums in different orders (BLAS
-blocking), so a latent at a near-tie in TopK can be picked differently, and the optimiser's first steps
-(sign-like in Adam and sign-SGD) turn that into ±lr moves. So the test asks for the same first-step
-loss, the same loss curve to 1e-3, and weights far closer to the one-process run than a process that
-trains alone on its half of each batch (what a missing all-reduce would give)."""
+global batch, gradients are all-reduced and FVU uses the global denominator, so the same seed gives the
+same SAE as one process on the same global batch (to float tolerance); a run killed in one process
+resumes in two. (Adam here: sign-based optimisers would turn a float-level difference in a near-zero
+gradient into a ±lr step.)"""
 
 import json
 import os
@@ -62,19 +58,14 @@ def test_two_processes_train_the_one_process_sae_and_resume_across_world_sizes(s
     _torchrun(store, tmp_path / "two")
     man = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert man["status"] == "complete" and man["world_size"] == 2
-    half = TrainSAEConfig(**{**FLAGS, "activations": str(store), "batch_size": 256})
-    train_sae(half, tmp_path / "alone")  # rank 0 without the all-reduce: its half of each global batch
-    a, b, h = _weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights(tmp_path / "alone")
-    for k in ("W_enc", "W_dec"):
-        d_two = float((a[k] - b[k]).norm() / a[k].norm())
-        d_alone = float((a[k] - h[k]).norm() / a[k].norm())
-        assert d_two < 0.05 and d_two < 0.25 * d_alone, (k, d_two, d_alone)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     rows1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     rows2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in rows1] == [r["tokens"] for r in rows2]
-    assert rows2[0]["fvu"] == pytest.approx(rows1[0]["fvu"], rel=1e-4)
     for r1, r2 in zip(rows1, rows2):  # the global FVU and dead fraction, not a per-rank one
-        assert r2["fvu"] == pytest.approx(r1["fvu"], rel=1e-3) and r2["dead_frac"] == r1["dead_frac"]
+        assert r2["fvu"] == pytest.approx(r1["fvu"], rel=1e-5) and r2["dead_frac"] == r1["dead_frac"]
 
     # killed in one process after the step-3 checkpoint, resumed in two: the same SAE
     calls = {"n": 0}
@@ -92,8 +83,8 @@ def test_two_processes_train_the_one_process_sae_and_resume_across_world_sizes(s
     monkeypatch.setattr(SAETrainer, "step", orig)
     _torchrun(store, tmp_path / "killed", ["--resume", str(tmp_path / "killed")])
     c = _weights(tmp_path / "killed")
-    for k in ("W_enc", "W_dec"):
-        assert float((a[k] - c[k]).norm() / a[k].norm()) < 0.05
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
     rows3 = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows3] == [1, 2, 3, 4, 5, 6]  # the kill's rows past the checkpoint re-logged once
     assert rows3[2]["fvu"] == rows1[2]["fvu"]  # steps 1–3 ran in one process: bit-equal
@@ -104,3 +95,4 @@ def test_global_batch_must_divide_over_processes(monkeypatch, store):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SaetuneError, match="must divide evenly over 3 processes"):
         train_sae(TrainSAEConfig(**{**FLAGS, "activations": str(store)}), "/nonexistent/out")
+
