@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import opt
 from .errors import SaetuneError
@@ -29,8 +29,13 @@ from .tuning import TuneConfig
 class DemoConfig:
     """``saetune demo``: the Resa story on the toy model organism, printed as a table."""
 
-    build_toy: bool = opt(False, "pre-train the toy base (about 2.5 min) and its source (about 1.5 min) from "
-                                 "scratch instead of using the shipped ones")
+    build_toy: bool = opt(False, "pre-train the toy base from scratch (about 2.5 min) instead of using the "
+                                 "shipped one")
+    source: Literal["rl", "pretrained"] = opt("rl", "the stronger source model: 'rl' = GRPO with CURE from the base "
+                                                   "(toy_rl recipe, about a minute), as Resa's RL-trained source; "
+                                                   "'pretrained' = the base pre-trained further (shipped, instant)")
+    rl_recipe: str = opt("toy_rl", "RL recipe of the 'rl' source")
+    rl_steps: int = opt(0, "RL steps (0 = the recipe's)")
     hook: str = opt("model.layers.2", "hook point of the SAE (a middle block of the 4-layer toy)")
     examples: int = opt(6000, "toy traces to cache the source's activations for")
     context_size: int = opt(128, "tokens per packed sequence")
@@ -110,13 +115,19 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     base_model = base_dir / "model"
 
     def source_stage(path: Path, partial: bool):
-        if cfg.build_toy:
+        if cfg.source == "rl":
+            from .rl import RLConfig, train as rl_train
+            over = dict(model=str(base_model), seed=cfg.seed, eval_problems=cfg.eval_problems, progress=cfg.progress)
+            if cfg.rl_steps:
+                over["steps"] = cfg.rl_steps
+            rl_train(load_config(RLConfig, cfg.rl_recipe, over), path, resume=partial)
+        elif cfg.build_toy:
             build_toy(ToyBuildConfig(seed=cfg.seed + 1, init_from=str(base_model), **SOURCE_BUILD), path,
                       resume=partial, progress=cfg.progress)
         else:
             _copy_shipped(path, shipped_source_path(), "shipped")
 
-    source_dir = stage("toy-source", source_stage)
+    source_dir = stage("rl-source" if cfg.source == "rl" else "toy-source", source_stage)
     source_model = source_dir / "model"
 
     cache_cfg = CacheConfig(model=str(source_model), hooks=[cfg.hook], dataset="toy", max_examples=cfg.examples,
@@ -164,6 +175,11 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     sae_results = json.loads((sae_dir / "results.json").read_text())
     r = next(iter(sae_results.values()))
     tune_res = json.loads((tune_dir / "results.json").read_text())
+    rl = {}
+    if cfg.source == "rl":
+        rr = json.loads((source_dir / "results.json").read_text())
+        rl = {k: rr.get(k) for k in ("accuracy_before", "accuracy_after", "entropy_before", "entropy_after", "steps",
+                                     "train_seconds")}
     cache_summary = json.loads((cache_dir / "manifest.json").read_text()).get("summary", {})
     cost = {}
     for p in sorted(parent.rglob("manifest.json")):
@@ -174,6 +190,7 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
         "cache_tokens": cache_summary.get("n_tokens"), "cache_bytes_per_token": cache_summary.get("bytes_per_token"),
         "sae": {k: r.get(k) for k in ("hook", "d_sae", "k", "fvu", "l0", "dead_frac", "ce_clean", "ce_spliced",
                                       "ce_zero", "ce_loss_recovered", "kl_spliced", "train_tokens")},
+        "rl": rl,
         "tune": {k: tune_res.get(k) for k in ("steps", "tokens", "eval_loss_before", "eval_loss_after", "final_fvu",
                                               "tokens_per_s", "lora_layers")},
         "seconds": times, "total_seconds": round(sum(times.values()), 2), "cost_usd": cost,
@@ -194,6 +211,11 @@ def format_table(s: dict) -> str:
     for label, a in s["accuracy"].items():
         ci = a.get("ci95") or [float("nan"), float("nan")]
         rows.append((f"accuracy: {label}", f"{a['accuracy']:.1%}  (95% CI {ci[0]:.1%}–{ci[1]:.1%}, n {a['n']})"))
+    rl = s.get("rl") or {}
+    if rl:
+        rows.append(("RL source (GRPO + CURE)", f"greedy accuracy {rl['accuracy_before']:.1%} → {rl['accuracy_after']:.1%}, "
+                                              f"mean entropy {rl['entropy_before']:.3f} → {rl['entropy_after']:.3f} "
+                                              f"({rl['steps']} steps)"))
     rows += [
         ("activations cached (source)", f"{s['cache_tokens']:,} tokens, {s['cache_bytes_per_token']:.0f} B/token"),
         ("SAE", f"{sae['hook']}, d_sae {sae['d_sae']}, k {sae['k']}, {sae['train_tokens']:,} tokens"),

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_small_demo_runs_end_to_end_and_resumes(tmp_path):
     cfg = DemoConfig(examples=300, d_sae=256, k=8, batch_size=512, tune_steps=2, eval_problems=8, features=False,
-                     progress=False)
+                     rl_steps=1, progress=False)
     s = demo(cfg, tmp_path / "demo")
     d = tmp_path / "demo"
     assert set(s["accuracy"]) == {"base", "source", "SAE-tuned", "control-sft", "control-cotfree"}
@@ -21,6 +21,8 @@ def test_small_demo_runs_end_to_end_and_resumes(tmp_path):
         assert (d / "eval" / label / "eval" / "results.json").exists()
     assert (d / "merge" / "merged" / "README.md").exists() and (d / "tune" / "adapter").is_dir()
     assert s["tune"]["steps"] == 2 and s["tune"]["eval_loss_before"] > 0
+    assert s["rl"]["steps"] == 1 and 0 <= s["rl"]["accuracy_after"] <= 1  # the RL-trained source
+    assert (d / "rl-source" / "model" / "config.json").exists() and list((d / "rl-source" / "traces").glob("*.jsonl"))
     assert json.loads((d / "summary.json").read_text())["accuracy"] == s["accuracy"]
     assert (d / "config.yaml").exists()  # `saetune demo --resume DIR` reads it
     assert "accuracy: SAE-tuned" in format_table(s)
