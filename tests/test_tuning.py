@@ -176,3 +176,22 @@ def test_without_an_sae_it_is_plain_lora_sft(tmp_path):
     assert res["eval_loss_after"] < res["eval_loss_before"]
     with pytest.raises(SaetuneError, match="loss 'kl' needs an SAE"):
         TuneConfig(model="toy")
+
+
+def test_fused_head_losses_give_weight_and_bias_gradients_and_scale_with_upstream():
+    g = torch.Generator().manual_seed(5)
+    h_t, h_s = torch.randn(9, 6, generator=g), torch.randn(9, 6, generator=g, requires_grad=True)
+    W = torch.randn(11, 6, generator=g, requires_grad=True)
+    b = torch.randn(11, generator=g, requires_grad=True)
+    got = 3.0 * kl_from_hidden(h_t, h_s, W, b, chunk=4)
+    p_teacher = F.softmax((h_t @ W.T + b).detach(), -1)  # a no-grad teacher pass: p is a constant
+    ref = 3.0 * F.kl_div(F.log_softmax(h_s @ W.T + b, -1), p_teacher, reduction="sum")
+    for a, r in zip(torch.autograd.grad(got, (h_s, W, b)), torch.autograd.grad(ref, (h_s, W, b))):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    y = torch.randint(0, 11, (9,), generator=g)
+    y[0] = -100
+    got = ce_from_hidden(h_s, y, W, b, chunk=2).sum() * 0.5
+    ref = F.cross_entropy(h_s @ W.T + b, y, reduction="sum") * 0.5
+    torch.testing.assert_close(got, ref)
+    for a, r in zip(torch.autograd.grad(got, (h_s, W, b)), torch.autograd.grad(ref, (h_s, W, b))):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
