@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 			extra="--extra-index-url https://download.pytorch.org/whl/cpu"; fi; \
 		$(PY) -m pip install -q "$(TORCH_CPU)" $$extra; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	# [trl]: the tests run real TRL GRPOTrainer steps with saetune's rewards ([dev] itself pulls no engine)
+	$(PY) -m pip install -q -e ".[dev,trl]"
 	touch $@
 
 venv: $(VENV)/.installed
