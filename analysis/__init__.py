@@ -18,7 +18,7 @@ Names load on first use.
 
 from __future__ import annotations
 
-import importlib
+from saetune._lazy import lazy_exports
 
 _LAZY = {
     **{n: "saetune.analysis.rundirs" for n in (
@@ -42,14 +42,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'saetune.analysis' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)

@@ -19,16 +19,10 @@ single-node trainer around them.
 
 from __future__ import annotations
 
-import importlib
+from saetune._lazy import lazy_exports
 
 _LAZY = {"train": "saetune.rl.trainer", "RLConfig": "saetune.rl.trainer"}
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'saetune.rl' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)

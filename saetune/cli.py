@@ -51,6 +51,25 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
+def _stage(module: str, fn: str) -> Callable:
+    """A verb that resolves its config and runs ``module.fn(cfg, out, resume=, overwrite=)``, printing the result."""
+    def cmd(args) -> None:
+        import importlib
+        run = getattr(importlib.import_module(module), fn)
+        cfg, out, resume = _resolve(args)
+        _print_json(run(cfg, out, resume=resume, overwrite=args.overwrite))
+    return cmd
+
+
+cmd_cache = _stage("saetune.activations", "cache")
+cmd_train_sae = _stage("saetune.train_sae", "train_sae")
+cmd_tune = _stage("saetune.tuning", "tune")
+cmd_merge = _stage("saetune.attach", "merge")
+cmd_attach = _stage("saetune.attach", "attach")
+cmd_features = _stage("saetune.analysis.features", "features")
+cmd_rl = _stage("saetune.rl.trainer", "train")
+
+
 def cmd_toy_build(args) -> None:
     from .toy.build import build_toy
     cfg, out, resume = _resolve(args)
@@ -58,34 +77,9 @@ def cmd_toy_build(args) -> None:
     _print_json(stats)
 
 
-def cmd_cache(args) -> None:
-    from .activations import cache
-    cfg, out, resume = _resolve(args)
-    _print_json(cache(cfg, out, resume=resume, overwrite=args.overwrite))
 
 
-def cmd_train_sae(args) -> None:
-    from .train_sae import train_sae
-    cfg, out, resume = _resolve(args)
-    _print_json(train_sae(cfg, out, resume=resume, overwrite=args.overwrite))
 
-
-def cmd_tune(args) -> None:
-    from .tuning import tune
-    cfg, out, resume = _resolve(args)
-    _print_json(tune(cfg, out, resume=resume, overwrite=args.overwrite))
-
-
-def cmd_merge(args) -> None:
-    from .attach import merge
-    cfg, out, resume = _resolve(args)
-    _print_json(merge(cfg, out, resume=resume, overwrite=args.overwrite))
-
-
-def cmd_attach(args) -> None:
-    from .attach import attach
-    cfg, out, resume = _resolve(args)
-    _print_json(attach(cfg, out, resume=resume, overwrite=args.overwrite))
 
 
 def cmd_eval(args) -> None:
@@ -98,11 +92,6 @@ def cmd_eval(args) -> None:
     _print_json({name: {k: e[k] for k in ("n", "samples_per_problem", "pass@1", "avg@k", "pass@k", "ci95",
                                           "unparsable_gold", "problems_per_s")} for name, e in results.items()})
 
-
-def cmd_features(args) -> None:
-    from saetune.analysis.features import features
-    cfg, out, resume = _resolve(args)
-    _print_json(features(cfg, out, resume=resume, overwrite=args.overwrite))
 
 
 def cmd_explore(args) -> None:
@@ -118,11 +107,6 @@ def cmd_pipeline(args) -> None:
         out = default_run_dir(Path(args.recipe).stem.replace("_", "-"))
     _print_json(run_pipeline(args.recipe, out, resume=bool(args.resume), overwrite=args.overwrite, only=args.only))
 
-
-def cmd_rl(args) -> None:
-    from saetune.rl.trainer import train
-    cfg, out, resume = _resolve(args)
-    _print_json(train(cfg, out, resume=resume, overwrite=args.overwrite))
 
 
 def cmd_demo(args) -> None:

@@ -119,3 +119,26 @@ class FollowerRun:
 
     def __getattr__(self, name: str):
         return lambda *a, **k: None  # add_input, log, truncate_metrics, write_manifest, finish, fail
+
+
+def start_run(device: str, out, stage: str, cfg: Any, *, resume: bool, overwrite: bool, seed: int | None,
+              resume_ignore: tuple[str, ...] = (), gpu_hour_usd: float | None = None):
+    """``(dist, run)`` for a stage that may run in several processes: rank 0 opens the :class:`RunDir`
+    (creating, cleaning or resuming it), the others get a :class:`FollowerRun`; all wait for rank 0."""
+    from .errors import SaetuneError
+    from .runs import RunDir
+    world = launched_world_size()
+    if world > 1 and out is None:
+        raise SaetuneError(f"a multi-process {stage} needs --out (every process must name the same run dir)")
+    dist = Dist(device)
+    if dist.is_main:
+        run = RunDir.open(out, stage, cfg, resume=resume, overwrite=overwrite, seed=seed, device=dist.device,
+                          resume_ignore=resume_ignore)
+        run.manifest["n_gpus"] = dist.world if dist.device.startswith("cuda") else 0
+        run.manifest["world_size"] = dist.world
+        if gpu_hour_usd is not None:
+            run.manifest["gpu_hour_usd"] = gpu_hour_usd
+    else:
+        run = FollowerRun(out)
+    dist.barrier()  # rank 0 has created (or cleaned) the run dir
+    return dist, run

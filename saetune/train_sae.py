@@ -328,24 +328,14 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
               overwrite: bool = False) -> dict[str, Any]:
     """Train the SAEs of ``cfg`` into a run dir; returns the results (also in ``results.json``)."""
     from tqdm.auto import tqdm
-    from .distributed import Dist, FollowerRun, launched_world_size
+    from .distributed import launched_world_size, start_run
     world = launched_world_size()
-    if world > 1:
-        if out is None:
-            raise SaetuneError("a multi-process train-sae needs --out (every process must name the same run dir)")
-        if cfg.batch_size % world:
-            raise SaetuneError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly over {world} "
-                               "processes")
-    dist = Dist(resolve_device(cfg.device))
+    if world > 1 and cfg.batch_size % world:
+        raise SaetuneError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly over {world} "
+                           "processes")
+    dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
+                          seed=cfg.seed, resume_ignore=("progress", "log_every"))
     device = dist.device
-    if dist.is_main:
-        run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
-                          resume_ignore=("progress", "log_every"))
-        run.manifest["n_gpus"] = dist.world if device.startswith("cuda") else 0
-        run.manifest["world_size"] = dist.world
-    else:
-        run = FollowerRun(out)
-    dist.barrier()  # rank 0 has created (or cleaned) the run dir
     try:
         with run.phase("load"):
             source = _DataSource(cfg, device, dist.rank, dist.world)

@@ -393,20 +393,10 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
     """
     from tqdm.auto import tqdm
     from .activations import resolve_device
-    from .distributed import Dist, FollowerRun, launched_world_size
-    if launched_world_size() > 1 and out is None:
-        raise SaetuneError("a multi-process tune needs --out (every process must name the same run dir)")
-    dist = Dist(resolve_device(cfg.device))
+    from .distributed import start_run
+    dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
+                          seed=cfg.seed, resume_ignore=("progress", "log_every"), gpu_hour_usd=cfg.gpu_hour_usd)
     device = dist.device
-    if dist.is_main:
-        run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
-                          resume_ignore=("progress", "log_every"))
-        run.manifest["n_gpus"] = dist.world if device.startswith("cuda") else 0
-        run.manifest["world_size"] = dist.world
-        run.manifest["gpu_hour_usd"] = cfg.gpu_hour_usd
-    else:
-        run = FollowerRun(out)
-    dist.barrier()  # rank 0 has created (or cleaned) the run dir
     try:
         with run.phase("load"):
             tuner = SAETuner(cfg, device)

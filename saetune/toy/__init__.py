@@ -10,7 +10,7 @@ Names load on first use, so ``import saetune.toy.task`` pulls in neither torch n
 
 from __future__ import annotations
 
-import importlib
+from saetune._lazy import lazy_exports
 
 _LAZY = {
     **{name: "saetune.toy.task" for name in (
@@ -25,14 +25,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'saetune.toy' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
