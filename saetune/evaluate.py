@@ -1,7 +1,7 @@
 """Evaluating reasoning models on math benchmarks: benchmarks, the eval stage, comparisons.
 
-- :func:`load_benchmark`, :func:`resolve_benchmark` — ``problem``/``answer`` rows from a local
-  file, a known name (:data:`KNOWN_BENCHMARKS`) or a HF dataset id;
+- :func:`load_benchmark`, :func:`resolve_benchmark` (from :mod:`saetune.benchmarks`, re-exported) —
+  ``problem``/``answer`` rows from a local file, a known name or a HF dataset id;
 - the stage (``saetune eval``): :class:`EvalConfig` and :func:`run`, which samples through a
   backend of :mod:`saetune.generation`, grades, and writes ``eval/results.json`` and
   ``eval/samples.jsonl`` into a run dir (resumable per batch);
@@ -28,125 +28,14 @@ from .config import opt
 from .errors import SaetuneError
 from .grading import Grader, extract_graded_text, gold_parses, is_correct, last_answer_tag, last_boxed, normalize_answer
 from .scoring import avg_at_k, default_ks, pass_at_k, summarize
+from .benchmarks import (BENCHMARKS_DIR_ENV, BOXED_INSTRUCTION, KNOWN_BENCHMARKS, RESA_BENCHMARKS, KnownBenchmark,
+                         load_benchmark, resolve_benchmark)
 
 __all__ = [
     "extract_graded_text", "last_boxed", "last_answer_tag", "normalize_answer", "is_correct", "gold_parses",
     "pass_at_k", "avg_at_k", "summarize", "load_benchmark", "resolve_benchmark", "KNOWN_BENCHMARKS",
     "EvalConfig", "resolve_model", "run", "read_samples", "compare", "format_table",
 ]
-
-# --------------------------------------------------------------------------------------------
-# Benchmarks
-# --------------------------------------------------------------------------------------------
-
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-@dataclass(frozen=True)
-class KnownBenchmark:
-    """A benchmark saetune knows by name: its file in a benchmarks dir and its hub dataset."""
-
-    file: str | None  # file name inside a benchmarks dir (None: hub only)
-    hub_id: str
-    split: str
-    problem_field: str = "problem"
-    answer_field: str = "answer"
-
-
-KNOWN_BENCHMARKS: dict[str, KnownBenchmark] = {
-    "aime24": KnownBenchmark("aime24.jsonl", "HuggingFaceH4/aime_2024", "train"),
-    "aime25": KnownBenchmark("aime25.jsonl", "yentinglin/aime_2025", "train"),
-    "amc23": KnownBenchmark("amc2023.jsonl", "knoveleng/AMC-23", "train"),
-    "math500": KnownBenchmark("math500.jsonl", "HuggingFaceH4/MATH-500", "test"),
-    "minerva": KnownBenchmark("minervamath.jsonl", "knoveleng/Minerva-Math", "train", answer_field="solution"),
-    "math-beyond": KnownBenchmark(None, "brendel-group/MATH-Beyond", "test"),
-}
-#: Resa's math benchmarks (SPEC_RESA.md; GPQA-Diamond is multiple choice and not graded here).
-RESA_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva")
-BENCHMARKS_DIR_ENV = "SAETUNE_BENCHMARKS_DIR"
-
-
-def _iter_jsonl(path: Path):
-    """``(line number, row)`` of a JSONL file (1-based, blank lines skipped, bad JSON named)."""
-    with open(path) as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SaetuneError(f"{str(path)!r} line {i} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SaetuneError(f"{str(path)!r} line {i} holds a {type(row).__name__}, not a JSON object")
-            yield i, row
-
-
-def load_benchmark(source: str, problem_field: str = "problem", answer_field: str = "answer",
-                   limit: int = 0, split: str = "train") -> list[dict[str, str]]:
-    """Rows ``{"problem": str, "answer": str}`` from a local JSONL/JSON/Parquet file or a HF id.
-
-    A JSONL row missing ``problem_field`` or ``answer_field`` (or whose problem is null) is an
-    error naming the file's line, the field and the fields present; other sources name the row.
-    A null answer becomes ``""`` (an unparsable gold: counted by :func:`run`, not an error).
-    Answers are stringified (some datasets store AIME answers as ints); ``limit`` > 0 keeps the
-    first rows. Hub ids are read through :func:`saetune.data.read_records`.
-    """
-    p = Path(source).expanduser()
-    if p.suffix == ".jsonl" and p.exists():
-        located = []
-        for line, row in _iter_jsonl(p):
-            located.append((f"line {line}", row))
-            if limit and len(located) >= limit:
-                break
-        if not located:
-            raise SaetuneError(f"benchmark {source!r} is empty")
-    else:
-        from .data import read_records
-        located = [(f"row {i}", row) for i, row in enumerate(read_records(source, split=split, limit=limit))]
-    out = []
-    for where, row in located:
-        for field in (problem_field, answer_field):
-            if field not in row or (field == problem_field and row[field] is None):
-                raise SaetuneError(f"benchmark {source!r} {where} has no field {field!r}; fields present: "
-                                   f"{sorted(row)} (set problem_field/answer_field)")
-        answer = row[answer_field]
-        out.append({"problem": str(row[problem_field]), "answer": "" if answer is None else str(answer).strip()})
-    return out
-
-
-def _benchmarks_dir(configured: str) -> Path | None:
-    d = configured or os.environ.get(BENCHMARKS_DIR_ENV, "")
-    return Path(d).expanduser() if d else None
-
-
-def resolve_benchmark(spec: str, benchmarks_dir: str = "") -> tuple[str, str, str, str, str]:
-    """``(name, source, split, problem_field, answer_field)`` for one benchmark spec.
-
-    ``spec`` is ``toy``; a local file; a known name (``aime24``, ``aime25``, ``amc23``,
-    ``math500``, ``minerva``, ``math-beyond``) found as its file in ``benchmarks_dir`` (or
-    ``$SAETUNE_BENCHMARKS_DIR``), else read from its hub dataset; or any hub dataset id (known ids
-    get their split and fields). Fields and split are empty when the caller's defaults apply.
-    """
-    if spec == "toy":
-        return "toy", "toy", "", "", ""
-    p = Path(spec).expanduser()
-    if p.exists():
-        return p.stem, str(p), "", "", ""
-    by_hub = {k.hub_id.lower(): (name, k) for name, k in KNOWN_BENCHMARKS.items()}
-    if spec.lower() in by_hub:
-        name, known = by_hub[spec.lower()]
-        return name, known.hub_id, known.split, known.problem_field, known.answer_field
-    if spec in KNOWN_BENCHMARKS:
-        known = KNOWN_BENCHMARKS[spec]
-        d = _benchmarks_dir(benchmarks_dir)
-        if d is not None and known.file and (d / known.file).exists():
-            return spec, str(d / known.file), "", "problem", "answer"
-        return spec, known.hub_id, known.split, known.problem_field, known.answer_field
-    if "/" in spec and not spec.startswith((".", "/", "~")) and not p.suffix:
-        return spec, spec, "", "", ""
-    raise SaetuneError(f"benchmark {spec!r} is neither 'toy', an existing file, a known name "
-                       f"({', '.join(KNOWN_BENCHMARKS)}) nor a hub dataset id like 'org/name'")
-
 
 # --------------------------------------------------------------------------------------------
 # The eval stage: config
