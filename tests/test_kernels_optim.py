@@ -1,25 +1,17 @@
 """Fused SAE parameter pass (Adam, signum + schedule-free, with decoder upkeep) vs the torch sweeps."""
 
 import copy
-import os
 
-import torch
-
-if not torch.cuda.is_available():  # no GPU: the kernels run in Triton's interpreter (set before they are defined)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_env import DEV, NO_SHRINK, needs_triton  # noqa: I001  (first: switches the interpreter on)
 
 import pytest
-from hypothesis import Phase, given, settings
+import torch
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-NO_SHRINK = [Phase.generate]  # a failing example is reported as drawn: shrinking re-runs the slow interpreter
-
 pytest.importorskip("triton")
-from saetune.kernels.dispatch import interpreting  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
-                                reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+pytestmark = needs_triton
 
 
 @pytest.fixture(autouse=True)
