@@ -2,7 +2,7 @@
 # Every GPU check and timing of saetune in one capped run, for a GPU machine that holds a copy of this
 # checkout (WHEELS: a folder with the anchors' wheels). Figures land in $OUT (JSON)
 # as each step ends, so a cut-off run still returns what it measured.
-#   OUT=/tmp/gpu bash bench/gpu_session.sh
+#   OUT=results-gpu bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-bench/results-gpu}
 mkdir -p "$OUT"

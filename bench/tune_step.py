@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ def main() -> None:
     names = os.environ.get("SHAPES", "toy,qwen-small" if device == "cpu" else "toy,qwen1.5b").split(",")
     steps = int(os.environ.get("STEPS", "9"))
     out = Path(os.environ.get("OUT", Path(__file__).with_name("tune_step.json")))
-    tmp = Path(os.environ.get("TMP_MODELS", "/tmp/saetune-bench-models"))
+    tmp = Path(os.environ.get("TMP_MODELS") or Path(tempfile.gettempdir()) / "saetune-bench-models")
     tmp.mkdir(parents=True, exist_ok=True)
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get("THREADS", "2")))
