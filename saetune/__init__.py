@@ -21,6 +21,11 @@ _LAZY = {
     "CacheConfig": ("saetune.activations", "CacheConfig"),
     "load_model": ("saetune.models", "load_model"),
     "demo": ("saetune.demo", "demo"),
+    "tune": ("saetune.tuning", "tune"),
+    "TuneConfig": ("saetune.tuning", "TuneConfig"),
+    "merge": ("saetune.attach", "merge"),
+    "attach_sae": ("saetune.attach", "attach_sae"),
+    "run_pipeline": ("saetune.pipeline", "run_pipeline"),
     "SaetuneError": ("saetune.errors", "SaetuneError"),
 }
 

@@ -195,3 +195,10 @@ def test_fused_head_losses_give_weight_and_bias_gradients_and_scale_with_upstrea
     torch.testing.assert_close(got, ref)
     for a, r in zip(torch.autograd.grad(got, (h_s, W, b)), torch.autograd.grad(ref, (h_s, W, b))):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_public_names():
+    import saetune
+    assert saetune.tune is tune and saetune.TuneConfig is TuneConfig
+    from saetune.attach import attach_sae, merge
+    assert (saetune.merge, saetune.attach_sae) == (merge, attach_sae)  # saetune.attach is the module
