@@ -11,7 +11,11 @@ ARGS ?=
 
 .PHONY: demo test venv bench chromium
 
-$(VENV)/.installed: pyproject.toml
+VERL_NO_DEPS := verl==0.9.1 ray==2.60.0 tensordict==0.10.0 omegaconf==2.3.0 hydra-core==1.3.2 \
+	antlr4-python3-runtime==4.9.3 codetiming==1.4.0 msgpack==1.2.4 pyvers==0.2.3 orjson==3.13.0 torchdata==0.11.0
+VERL_WITH_DEPS := aiohttp==3.14.5 fastapi==0.165.0 cachetools==8.0.2
+
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing the default (CUDA) torch"; \
@@ -23,6 +27,10 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	# [trl]: the tests run real TRL GRPOTrainer steps with saetune's rewards ([dev] itself pulls no engine)
 	$(PY) -m pip install -q -e ".[dev,trl]"
+	# verl: its tests exercise saetune's registered pieces through verl's own code on CPU. verl pins
+	# transformers<5.11, so verl and the modules its imports need go in without its dependency tree.
+	$(PY) -m pip install -q --no-deps $(VERL_NO_DEPS)
+	$(PY) -m pip install -q $(VERL_WITH_DEPS)
 	touch $@
 
 venv: $(VENV)/.installed

@@ -109,6 +109,22 @@ def cmd_pipeline(args) -> None:
 
 
 
+def cmd_verl_data(args) -> None:
+    from saetune.rl.integrations.verl_run import write_verl_dataset
+    _print_json(write_verl_dataset(args.source, args.out, limit=args.limit, rpr_weight=args.rpr_weight,
+                                   seed=args.seed, split=args.split))
+
+
+def cmd_verl_train(args) -> None:
+    import subprocess
+    from saetune.rl.integrations.verl_run import format_command, verl_command
+    overrides = [o for o in args.overrides if o != "--dry-run"]  # the flag may come after the overrides
+    cmd = verl_command(args.recipe, overrides)
+    print(format_command(cmd), flush=True)
+    if not (args.dry_run or "--dry-run" in args.overrides):
+        sys.exit(subprocess.call(cmd))
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
     cfg, out, resume = _resolve(args)
@@ -171,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     from saetune.rl.trainer import RLConfig
     p = _verb(sub, "rl", RLConfig, "GRPO/DAPO RL (CURE optional) with verifiable rewards; writes model/, metrics, traces")
     p.set_defaults(fn=cmd_rl)
+    p = sub.add_parser("verl-data", help="write a benchmark or the toy task as verl's RL parquet",
+                       description="One row per problem: data_source, prompt (chat), ability, reward_model "
+                                   "(ground_truth) and extra_info (index, rpr_weight).")
+    p.add_argument("source", help="toy, a benchmark name (math500, aime24, ...), a JSONL/Parquet file or a hub id")
+    p.add_argument("--out", required=True, metavar="FILE.parquet", help="parquet file to write")
+    p.add_argument("--limit", type=int, default=0, help="keep the first N problems (toy: draw N, default 1024)")
+    p.add_argument("--rpr-weight", type=float, default=0.0, help="weight of the reasoning-pattern reward per row")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy problems")
+    p.add_argument("--split", default="train", help="dataset split to read (hub ids) and record")
+    p.set_defaults(fn=cmd_verl_data)
+    p = sub.add_parser("verl-train", help="run verl's PPO trainer with a saetune verl recipe (dapo_math)",
+                       description="python -m verl.trainer.main_ppo with the recipe's Hydra overrides, then yours "
+                                   "(later ones win). Needs pip install saetune[verl] and GPUs.")
+    p.add_argument("recipe", help="shipped verl recipe (dapo_math) or a YAML path")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="Hydra overrides for verl")
+    p.add_argument("--dry-run", action="store_true", help="print the command and stop")
+    p.set_defaults(fn=cmd_verl_train)
     p = sub.add_parser("explore", help="open the Streamlit explorer on a run dir or a pipeline dir",
                        description="Run the Streamlit explorer headless (no usage statistics) on RUN_DIR.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir or a pipeline's parent dir (e.g. runs/demo-…)")
