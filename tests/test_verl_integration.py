@@ -332,3 +332,40 @@ def test_cure_branch_agent_loop_with_stand_in_server_then_one_grpo_group(recipe_
                                        "attention_mask": branches.batch["attention_mask"][:, 1:]})
     with pytest.raises(SaetuneError, match="wide"):
         cure_concat(batch, bad)
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_saetune_dapo_through_verls_engine_ppo_loss_equals_vanilla(recipe_cfg, dp):
+    """verl's engine-side ``ppo_loss`` (the function its actor workers call) with flat per-token
+    log-probs, as the model engine returns them, and loss_mode saetune_dapo vs vanilla."""
+    from omegaconf import OmegaConf
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.utils.losses import ppo_loss
+    g = torch.Generator().manual_seed(11)
+    b, p, r = 4, 5, 6
+    plen, rlen = torch.tensor([2, 5, 3, 1]), torch.tensor([6, 2, 4, 1])
+    attn = torch.zeros(b, p + r, dtype=torch.long)
+    for i in range(b):
+        attn[i, p - plen[i]:p + rlen[i]] = 1
+    rmask = attn[:, p:].clone()
+    old = -torch.rand(b, r, generator=g) * 2
+    adv = torch.randn(b, r, generator=g)
+    lp = (old + 0.7 * torch.randn(b, r, generator=g)) * rmask
+    # the engine's flat output: per sequence its prompt + response tokens, shifted by one
+    flat = torch.cat([torch.cat([torch.zeros(int(plen[i]) - 1), lp[i, :rlen[i]], torch.zeros(1)]) for i in range(b)])
+    out = {}
+    for mode in ("saetune_dapo", "vanilla"):
+        actor = omega_conf_to_dataclass(OmegaConf.merge(recipe_cfg.actor_rollout_ref.actor,
+                                                        {"policy_loss": {"loss_mode": mode}}))
+        td = tu.get_tensordict(
+            {"prompts": torch.zeros(b, p, dtype=torch.long), "responses": torch.zeros(b, r, dtype=torch.long),
+             "attention_mask": attn, "response_mask": rmask, "old_log_probs": old, "advantages": adv},
+            non_tensor_dict={"dp_size": dp, "batch_num_tokens": int(rmask.sum()) * dp + 3, "global_batch_size": b * dp})
+        x = flat.clone().requires_grad_(True)
+        loss, metrics = ppo_loss(actor, {"log_probs": x}, td)
+        loss.backward()
+        out[mode] = (loss.detach(), x.grad, metrics)
+    torch.testing.assert_close(out["saetune_dapo"][0], out["vanilla"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["saetune_dapo"][1], out["vanilla"][1], rtol=1e-5, atol=1e-7)
+    assert out["vanilla"][1].abs().sum() > 0 and "actor/pg_loss" in out["saetune_dapo"][2]
