@@ -14,8 +14,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -107,6 +109,8 @@ class RunDir:
         if path.exists() and not path.is_dir():
             raise SaetuneError(f"output path {str(path)!r} is a file, not a directory; choose another --out")
         exists = path.exists() and any(path.iterdir())
+        if exists and (path / LOCK).exists():
+            cls._check_lock(path / LOCK)  # a live run's dir: say so before anything else
         if resume:
             if not (path / MANIFEST).exists():
                 raise SaetuneError(f"cannot resume {str(path)!r}: it holds no run (no {MANIFEST})")
@@ -139,9 +143,6 @@ class RunDir:
                     what = f"a '{m.get('stage')}' run (status {m.get('status')})"
                 raise SaetuneError(f"output dir {str(path)!r} already holds {what}; pass --resume to "
                                    "continue it, --overwrite to replace it, or choose another --out")
-            lock = path / LOCK
-            if lock.exists():
-                cls._check_lock(lock)
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         manifest = {
@@ -157,19 +158,36 @@ class RunDir:
 
     @staticmethod
     def _check_lock(lock: Path) -> None:
+        """Refuse when ``lock`` names a live process other than this one (a dead process's lock is stale)."""
         try:
             pid = int(lock.read_text().strip() or 0)
         except (OSError, ValueError):
             return
         if pid and pid != os.getpid() and _pid_alive(pid):
-            raise SaetuneError(f"run dir {str(lock.parent)!r} is in use by process {pid}; "
-                               "two runs cannot share one output dir")
+            raise SaetuneError(f"run dir {str(lock.parent)!r} is in use by process {pid}; two runs cannot share one "
+                               "output dir: wait for that run to end or stop it, or choose another --out (if process "
+                               f"{pid} is no saetune run, delete {str(lock)!r})")
 
     def _lock(self) -> None:
+        """Take the dir's lock file (this process's pid). It is written whole under another name and hard-linked
+        into place, which fails when a lock is already there, so two processes opening one dir at the same moment
+        cannot both take it; a dead process's lock (a killed run) is replaced."""
         lock = self.path / LOCK
-        if lock.exists():
-            self._check_lock(lock)
-        lock.write_text(str(os.getpid()))
+        tmp = self.path / f"{LOCK}.{os.getpid()}.tmp"
+        tmp.write_text(str(os.getpid()))
+        try:
+            try:
+                os.link(tmp, lock)
+                return
+            except FileExistsError:
+                self._check_lock(lock)
+            except OSError:
+                if lock.exists():  # a file system without hard links: check, then replace
+                    self._check_lock(lock)
+            os.replace(tmp, lock)
+            self._check_lock(lock)  # another process taking over the same stale lock at this instant may have won
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _unlock(self) -> None:
         (self.path / LOCK).unlink(missing_ok=True)
@@ -250,6 +268,31 @@ class RunDir:
 
     def fail(self, reason: str) -> None:
         self.finish("failed", error=reason)
+
+
+class SigtermInterrupts:
+    """While a stage runs, SIGTERM raises ``KeyboardInterrupt("terminated by SIGTERM")`` as Ctrl-C would, so the
+    stage's ``except`` records the stop in the run dir (status failed, lock freed) instead of the process vanishing
+    with its manifest 'running'. torchrun SIGTERMs the surviving ranks when one dies; schedulers do on preemption.
+
+    Set ``stopping`` once the stage is recording a failure: later SIGTERMs are then ignored, so the record is
+    written whole (torchrun's SIGKILL 30 s on is the backstop). ``restore()`` puts the previous handler back.
+    Only the main thread can set handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.stopping = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt("terminated by SIGTERM")
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
