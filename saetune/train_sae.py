@@ -10,13 +10,18 @@ Several SAEs (hooks × widths × k) train from one stream of forwards. A checkpo
 SAE's weights, its optimiser state, the dead-latent counters, the data position and the RNG
 state, all in safetensors/JSON, written atomically; ``resume`` continues a killed run and ends
 with the same SAE as an uninterrupted one.
+
+Fault injection, for tests only: ``SAETUNE_FAULT_KILL_RANK=r`` with ``SAETUNE_FAULT_AT_STEP=n`` makes
+rank r SIGKILL itself as it starts step n (1-based), as an OOM-killed or crashed worker dies.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,7 @@ from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
 from .metrics import fvu as fvu_of, l0 as l0_of, mse as mse_of, total_variance
 from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free, load_optimizer, save_optimizer
-from .runs import RunDir
+from .runs import RunDir, SigtermInterrupts
 from .sae import ARCHITECTURES, SAE, SAEConfig, _StepL0
 from saetune.kernels import sae_update
 
@@ -277,6 +282,35 @@ def _initial_sae(cfg: TrainSAEConfig, sc: SAEConfig, hook: str) -> SAE:
     return sae
 
 
+def check_world_size(cfg: TrainSAEConfig, world: int, resume: bool = False) -> None:
+    """Refuse a process count that does not split every global batch evenly (new runs and resumes alike:
+    a checkpoint holds the global-batch position, so any world size that divides the batch can resume it)."""
+    if world <= 1:
+        return
+    what = "resume" if resume else "run"
+    if cfg.batch_size % world:
+        valid = [n for n in range(1, min(cfg.batch_size, 64) + 1) if cfg.batch_size % n == 0]
+        raise SaetuneError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly over {world} "
+                           f"processes; {what} it on a process count that divides {cfg.batch_size} "
+                           f"(e.g. {', '.join(map(str, valid))})")
+    seqs, rem = divmod(cfg.batch_size, cfg.context_size)
+    if not cfg.activations and seqs >= 1 and not rem and seqs % world:
+        valid = [n for n in range(1, min(seqs, 64) + 1) if seqs % n == 0]
+        raise SaetuneError(f"{seqs} sequences per batch (batch_size {cfg.batch_size} / context_size "
+                           f"{cfg.context_size}) do not divide over {world} processes; {what} it on a process "
+                           f"count that divides {seqs} (e.g. {', '.join(map(str, valid))})")
+
+
+def _fault_step(rank: int) -> int | None:
+    """The step at which the test-only fault injection kills this rank (None: never, the normal case)."""
+    at, who = os.environ.get("SAETUNE_FAULT_AT_STEP"), os.environ.get("SAETUNE_FAULT_KILL_RANK")
+    if not at or who is None or who.strip() != str(rank):
+        return None
+    if not at.isdigit():
+        raise SaetuneError(f"SAETUNE_FAULT_AT_STEP={at!r} is not a step number (a test-only fault injection)")
+    return int(at)
+
+
 def _checkpoint_dir(run: RunDir) -> Path:
     return run.path / "checkpoints"
 
@@ -329,13 +363,11 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
     """Train the SAEs of ``cfg`` into a run dir; returns the results (also in ``results.json``)."""
     from tqdm.auto import tqdm
     from .distributed import launched_world_size, start_run
-    world = launched_world_size()
-    if world > 1 and cfg.batch_size % world:
-        raise SaetuneError(f"batch_size {cfg.batch_size} (the global batch) must divide evenly over {world} "
-                           "processes")
+    check_world_size(cfg, launched_world_size(), resume)  # before the run dir is touched
     dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
                           seed=cfg.seed, resume_ignore=("progress", "log_every"))
     device = dist.device
+    sigterm = SigtermInterrupts()
     try:
         with run.phase("load"):
             source = _DataSource(cfg, device, dist.rank, dist.world)
@@ -358,10 +390,13 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
         bar = tqdm(total=n_steps, initial=start, desc="train-sae", unit="step", disable=not (cfg.progress and dist.is_main))
         t_train = time.perf_counter()
         last_ckpt = start
+        die_at = _fault_step(dist.rank)
         with run.phase("train"):
             for step, batch in enumerate(source.batches(start), start=start):
                 if step >= n_steps:
                     break
+                if die_at == step + 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if step == 0 and cfg.init_b_dec == "mean" and not cfg.init_from:
                     with torch.no_grad():
                         for hook, t in trainers:
@@ -418,12 +453,12 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
         dist.barrier()
         dist.end()
         return results
-    except KeyboardInterrupt:
-        run.fail("interrupted")
-        raise
     except BaseException as e:
-        run.fail(str(e) or type(e).__name__)
+        sigterm.stopping = True
+        run.fail(str(e) or ("interrupted" if isinstance(e, KeyboardInterrupt) else type(e).__name__))
         raise
+    finally:
+        sigterm.restore()
 
 
 class _DataSource:
@@ -451,10 +486,7 @@ class _DataSource:
             if cfg.eval_seqs and chunks.shape[0] > cfg.eval_seqs * 2:  # hold out the last sequences
                 self.eval_chunks, chunks = chunks[-cfg.eval_seqs:], chunks[:-cfg.eval_seqs]
             total = chunks.shape[0] // seqs
-            if world > 1:  # each rank computes its own slice of every global batch: its own stream
-                if seqs % world:
-                    raise SaetuneError(f"{seqs} sequences per batch (batch_size / context_size) do not divide over "
-                                       f"{world} processes")
+            if world > 1:  # each rank computes its own slice of every global batch (check_world_size: it divides)
                 per = seqs // world
                 chunks = chunks[:total * seqs].view(total, seqs, -1)[:, rank * per:(rank + 1) * per].reshape(-1, chunks.shape[1])
                 seqs = per
