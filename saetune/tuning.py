@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from torch import nn
 from .config import opt
 from .data import DataConfig, load_chunks
 from .distill import ce_from_hidden, kl_from_hidden
+from .distributed import Dist, fault_step, start_run
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
 from .metrics import fvu as fvu_of
@@ -246,8 +249,6 @@ class SAETuner:
                                f"modules are named: {', '.join(linear)}") from None
         self.lora_layers = layers if layers is not None else list(range(n_layers))
         self.decoder = self.model.get_decoder()
-        head = self.model.get_output_embeddings()
-        self.head_w, self.head_b = head.weight, getattr(head, "bias", None)
         self.stash: dict[str, torch.Tensor] = {}
         self.fn = bottleneck(self.sae, cfg.stop_grad, cfg.error_term, self.stash) if self.sae is not None else None
 
@@ -295,13 +296,16 @@ class SAETuner:
         return h_t, h_s
 
     @torch.no_grad()
-    def eval_loss(self, chunks: torch.Tensor, device: str) -> float:
-        """Mean per-sequence loss on ``chunks`` with dropout off (the held-out measurement)."""
+    def eval_loss(self, chunks: torch.Tensor, device: str, forward: Callable | None = None) -> float:
+        """Mean per-sequence loss on ``chunks`` with dropout off (the held-out measurement); ``forward``: the
+        loss through the data-parallel wrapper (every rank must then call this), default :meth:`loss`."""
+        forward = forward or self.loss
         was_training = self.peft.training
         self.peft.eval()
         try:
-            total = sum(self.loss(chunks[i:i + self.cfg.batch_size].to(device))[0].item() * len(chunks[i:i + self.cfg.batch_size])
-                        for i in range(0, len(chunks), self.cfg.batch_size))
+            bs = self.cfg.batch_size
+            total = sum(forward(chunks[i:i + bs].to(device))[0].item() * len(chunks[i:i + bs])
+                        for i in range(0, len(chunks), bs))
         finally:
             self.peft.train(was_training)
         return total / len(chunks)
@@ -309,12 +313,14 @@ class SAETuner:
     def loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         B, T = ids.shape
         h_t, h_s = self.hidden(ids)
+        head = self.model.get_output_embeddings()  # read now: under FSDP the weight is whole only within forward
+        head_w, head_b = head.weight, getattr(head, "bias", None)
         if self.cfg.loss == "kl":
-            kl = kl_from_hidden(h_t, h_s, self.head_w, self.head_b, self.cfg.kl_chunk)
+            kl = kl_from_hidden(h_t, h_s, head_w, head_b, self.cfg.kl_chunk)
             loss = kl / B  # kl_div(..., reduction="batchmean") on (B, T, V): per-sequence sum
             m = {"kl": loss.item(), "kl_per_token": kl.item() / (B * T)}
         else:
-            loss = ce_from_hidden(h_s[:, :-1], ids[:, 1:], self.head_w, self.head_b, self.cfg.kl_chunk) / (B * (T - 1))
+            loss = ce_from_hidden(h_s[:, :-1], ids[:, 1:], head_w, head_b, self.cfg.kl_chunk) / (B * (T - 1))
             m = {"ce": loss.item()}
         if self.sae is None:
             return loss, m
@@ -329,17 +335,24 @@ def _ckpt_root(run: RunDir) -> Path:
     return run.path / "checkpoints"
 
 
-def save_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer, step: int, tokens: int,
+def save_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer, dist: Dist, step: int, tokens: int,
                     keep: int) -> None:
-    """checkpoints/step_NNNNNNN/{adapter,optim,state}.safetensors + JSON, then latest.json (atomic)."""
+    """checkpoints/step_NNNNNNN/{adapter,optim,state}.safetensors + JSON, then latest.json (atomic).
+
+    Every rank calls it (sharded adapter and optimizer state are gathered whole); rank 0 writes.
+    """
+    from types import SimpleNamespace
     from peft import get_peft_model_state_dict
+    adapter = get_peft_model_state_dict(tuner.peft, state_dict=dist.full_params(tuner.peft))
+    optim = dist.full_optimizer_state(opt, tuner.trainable())
+    if not dist.is_main:
+        return
     root = _ckpt_root(run)
     final, tmp = root / f"step_{step:07d}", root / f".tmp-step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sd = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(tuner.peft).items()}
-    atomic_save_safetensors(tmp / "adapter.safetensors", sd)
-    save_optimizer(opt, tmp / "optim")
+    atomic_save_safetensors(tmp / "adapter.safetensors", {k: v.contiguous() for k, v in adapter.items()})
+    save_optimizer(SimpleNamespace(state_dict=lambda: optim), tmp / "optim")  # the layout one process writes
     rng = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda_rng"] = torch.cuda.get_rng_state()
@@ -351,16 +364,18 @@ def save_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer, st
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer) -> tuple[int, int]:
-    """Restore the latest checkpoint; returns (step, tokens), (0, 0) without one."""
+def latest_checkpoint(run: RunDir) -> Path | None:
+    """The dir of the run's latest checkpoint (None without one)."""
+    latest = _ckpt_root(run) / "latest.json"
+    return _ckpt_root(run) / json.loads(latest.read_text())["dir"] if latest.exists() else None
+
+
+def load_checkpoint(d: Path, tuner: SAETuner) -> tuple[int, int]:
+    """Restore adapter and RNG from checkpoint dir ``d`` (before the model is wrapped); returns (step, tokens).
+    The optimizer state follows once it is wrapped: :func:`load_optimizer_state`."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    latest = _ckpt_root(run) / "latest.json"
-    if not latest.exists():
-        return 0, 0
-    d = _ckpt_root(run) / json.loads(latest.read_text())["dir"]
     set_peft_model_state_dict(tuner.peft, load_file(str(d / "adapter.safetensors")))
-    load_optimizer(opt, d / "optim")
     rng = load_file(str(d / "state.safetensors"))
     torch.set_rng_state(rng["torch_rng"])
     if "cuda_rng" in rng and torch.cuda.is_available():
@@ -369,15 +384,28 @@ def load_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer) ->
     return int(meta["step"]), int(meta["tokens"])
 
 
+def load_optimizer_state(d: Path, opt: torch.optim.Optimizer, params: list[nn.Parameter], dist: Dist) -> None:
+    """The optimizer state of checkpoint dir ``d`` into ``opt`` as wrapped (sharded under FSDP / ZeRO)."""
+    from types import SimpleNamespace
+    load = SimpleNamespace(load_state_dict=lambda sd: dist.load_full_optimizer_state(opt, params, sd))
+    load_optimizer(load, d / "optim")
+
+
 # ---- the run -----------------------------------------------------------------------------------
 
 class _Step(nn.Module):
-    """The tuner's loss as a module, so DDP / DeepSpeed wrap one forward (their gradient hooks need it)."""
+    """The tuner's loss as a module, so DDP / FSDP / DeepSpeed wrap one forward (their gradient hooks need it).
+
+    Under FSDP2 this is the root unit (embeddings, final norm and output head, all whole during its
+    forward, where the loss uses the head) and each decoder block (``_no_split_modules``) its own
+    unit; the frozen SAE is no submodule, so every rank holds it whole.
+    """
 
     def __init__(self, tuner: SAETuner):
         super().__init__()
         self.peft = tuner.peft
         self.__dict__["tuner"] = tuner
+        self._no_split_modules = list(getattr(tuner.model, "_no_split_modules", None) or [])
 
     def forward(self, ids: torch.Tensor):
         return self.tuner.loss(ids)
@@ -393,7 +421,6 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
     """
     from tqdm.auto import tqdm
     from .activations import resolve_device
-    from .distributed import start_run
     dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
                           seed=cfg.seed, resume_ignore=("progress", "log_every"), gpu_hour_usd=cfg.gpu_hour_usd)
     device = dist.device
@@ -415,14 +442,18 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         total = per_epoch * cfg.epochs
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        params = tuner.trainable()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        start, tokens = load_checkpoint(run, tuner, opt) if resume else (0, 0)
-        step_fn, opt_w = dist.prepare(_Step(tuner), opt)
+        opt = torch.optim.AdamW(tuner.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ckpt = latest_checkpoint(run) if resume else None
+        start, tokens = load_checkpoint(ckpt, tuner) if ckpt else (0, 0)
+        step_fn, opt_w = dist.prepare(_Step(tuner), opt, cfg.batch_size, cfg.grad_clip)
+        params = tuner.trainable()  # after prepare: FSDP has replaced them by their shards
+        run.manifest["engine"] = dist.engine
+        if ckpt:
+            load_optimizer_state(ckpt, opt, params, dist)
         run.truncate_metrics(start)
-        if dist.is_main and len(held) and "eval_loss_before" not in run.manifest:
-            with run.phase("eval"):
-                run.manifest["eval_loss_before"] = tuner.eval_loss(held, device)
+        if dist.broadcast_object(len(held) > 0 and "eval_loss_before" not in run.manifest):
+            with run.phase("eval"):  # on every rank: a sharded model's forward is a collective
+                run.manifest["eval_loss_before"] = tuner.eval_loss(held, device, step_fn)
             run.write_manifest()
         tuner.peft.train()
         if tuner.sae is not None:
@@ -432,8 +463,11 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         first_loss, last = None, {}
         window: list[dict[str, float]] = []
         t0 = time.perf_counter()
+        die_at = fault_step(dist.rank)  # None unless a test injects a crash
         with run.phase("train"):
             for step in range(start, total):
+                if die_at == step + 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 epoch, j = divmod(step, per_epoch)
                 order = epoch_order(chunks.shape[0], epoch, cfg.shuffle, cfg.seed)
                 lo = j * global_batch + dist.rank * cfg.batch_size
@@ -462,12 +496,15 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
                     bar.set_postfix(loss=f"{last['loss']:.4g}")
                     window = []
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
-                    if dist.is_main:
-                        save_checkpoint(run, tuner, opt, done, tokens, cfg.keep_checkpoints)
+                    save_checkpoint(run, tuner, opt, dist, done, tokens, cfg.keep_checkpoints)
                     dist.barrier()
                 bar.update(1)
         bar.close()
         train_seconds = time.perf_counter() - t0
+        adapter = dist.full_params(tuner.peft)  # every rank: whole tensors from shards
+        if len(held):
+            with run.phase("eval"):
+                eval_after = tuner.eval_loss(held, device, step_fn)
         if not dist.is_main:
             dist.barrier()  # rank 0 saves
             dist.end()
@@ -475,12 +512,9 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         with run.phase("save"):
             tmp = run.path / ".tmp-adapter"
             shutil.rmtree(tmp, ignore_errors=True)
-            tuner.peft.save_pretrained(str(tmp))
+            tuner.peft.save_pretrained(str(tmp), state_dict=adapter)
             atomic_replace_dir(tmp, run.path / "adapter")
             adapter_hash = run.add_artifact("adapter", "adapter")
-        if len(held):
-            with run.phase("eval"):
-                eval_after = tuner.eval_loss(held, device)
         rows = run.metrics()
         results = {
             "hook": tuner.hp.name if tuner.hp else None, "sae_d_sae": tuner.sae.d_sae if tuner.sae else None,
