@@ -14,6 +14,7 @@ ARGS ?=
 VERL_NO_DEPS := verl==0.9.1 ray==2.60.0 tensordict==0.10.0 omegaconf==2.3.0 hydra-core==1.3.2 \
 	antlr4-python3-runtime==4.9.3 codetiming==1.4.0 msgpack==1.2.4 pyvers==0.2.3 orjson==3.13.0 torchdata==0.11.0
 VERL_WITH_DEPS := aiohttp==3.14.5 fastapi==0.165.0 cachetools==8.0.2
+DEEPSPEED := deepspeed==0.19.8
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +32,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# transformers<5.11, so verl and the modules its imports need go in without its dependency tree.
 	$(PY) -m pip install -q --no-deps $(VERL_NO_DEPS)
 	$(PY) -m pip install -q $(VERL_WITH_DEPS)
+	# DeepSpeed for the ZeRO-2 tune test (CPU over gloo): no ops built now; its one JIT op (shm comm) is
+	# compiled on the first multi-process run and cached by torch (about 1.5 minutes, once per machine).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q $(DEEPSPEED)
 	touch $@
 
 venv: $(VENV)/.installed

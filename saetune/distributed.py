@@ -123,6 +123,9 @@ def fault_step(rank: int) -> int | None:
     at, who = os.environ.get("SAETUNE_FAULT_AT_STEP"), os.environ.get("SAETUNE_FAULT_KILL_RANK")
     if not at or who is None or who.strip() != str(rank):
         return None
+    if not at.strip().isdigit():
+        from .errors import SaetuneError
+        raise SaetuneError(f"SAETUNE_FAULT_AT_STEP={at!r} is not a step number (a test-only fault injection)")
     return int(at)
 
 
@@ -132,6 +135,36 @@ def launched_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 1
+
+
+TIMEOUT_ENV = "SAETUNE_DIST_TIMEOUT_S"
+
+
+def dist_timeout_s() -> float | None:
+    """``$SAETUNE_DIST_TIMEOUT_S``: seconds a collective may wait for a peer before the job fails (None when
+    unset: torch's default, 30 min for gloo, 10 for NCCL). A dead rank ends the job at once (its sockets
+    close); a rank that hangs (a stuck file system, a stopped process) holds the others this long."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        from .errors import SaetuneError
+        raise SaetuneError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds (e.g. 600)")
+    return value
+
+
+def _timeout_handlers() -> list:
+    seconds = dist_timeout_s()
+    if seconds is None:
+        return []
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+    return [InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))]
 
 
 class Dist:
@@ -147,7 +180,7 @@ class Dist:
             from accelerate import Accelerator
             cpu = not device.startswith("cuda")
             self.engine = requested_engine()
-            self.acc = Accelerator(cpu=cpu)
+            self.acc = Accelerator(cpu=cpu, kwargs_handlers=_timeout_handlers())
             if cpu and self.engine != "ddp":
                 _engine_on_cpu(self.acc, self.engine)
             self.rank = self.acc.process_index

@@ -301,16 +301,6 @@ def check_world_size(cfg: TrainSAEConfig, world: int, resume: bool = False) -> N
                            f"count that divides {seqs} (e.g. {', '.join(map(str, valid))})")
 
 
-def _fault_step(rank: int) -> int | None:
-    """The step at which the test-only fault injection kills this rank (None: never, the normal case)."""
-    at, who = os.environ.get("SAETUNE_FAULT_AT_STEP"), os.environ.get("SAETUNE_FAULT_KILL_RANK")
-    if not at or who is None or who.strip() != str(rank):
-        return None
-    if not at.isdigit():
-        raise SaetuneError(f"SAETUNE_FAULT_AT_STEP={at!r} is not a step number (a test-only fault injection)")
-    return int(at)
-
-
 def _checkpoint_dir(run: RunDir) -> Path:
     return run.path / "checkpoints"
 
@@ -362,7 +352,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
               overwrite: bool = False) -> dict[str, Any]:
     """Train the SAEs of ``cfg`` into a run dir; returns the results (also in ``results.json``)."""
     from tqdm.auto import tqdm
-    from .distributed import launched_world_size, start_run
+    from .distributed import fault_step, launched_world_size, start_run
     check_world_size(cfg, launched_world_size(), resume)  # before the run dir is touched
     dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
                           seed=cfg.seed, resume_ignore=("progress", "log_every"))
@@ -390,7 +380,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
         bar = tqdm(total=n_steps, initial=start, desc="train-sae", unit="step", disable=not (cfg.progress and dist.is_main))
         t_train = time.perf_counter()
         last_ckpt = start
-        die_at = _fault_step(dist.rank)
+        die_at = fault_step(dist.rank)
         with run.phase("train"):
             for step, batch in enumerate(source.batches(start), start=start):
                 if step >= n_steps:

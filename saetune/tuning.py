@@ -38,13 +38,13 @@ from torch import nn
 from .config import opt
 from .data import DataConfig, load_chunks
 from .distill import ce_from_hidden, kl_from_hidden
-from .distributed import Dist, fault_step, start_run
+from .distributed import Dist, fault_step, launched_world_size, start_run
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
 from .metrics import fvu as fvu_of
 from .models import HookPoint, StopForward, decoder_layers, first_tensor, load_model, model_width, resolve_hook
 from .optim import load_optimizer, save_optimizer
-from .runs import RunDir
+from .runs import RunDir, SigtermInterrupts
 
 STAGE = "tune"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -357,11 +357,36 @@ def save_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer, di
     if torch.cuda.is_available():
         rng["cuda_rng"] = torch.cuda.get_rng_state()
     atomic_save_safetensors(tmp / "state.safetensors", rng)
-    atomic_write_json(tmp / "state.json", {"step": step, "tokens": tokens})
+    atomic_write_json(tmp / "state.json", {"step": step, "tokens": tokens, "global_batch": tuner.cfg.batch_size * dist.world})
     atomic_replace_dir(tmp, final)
     atomic_write_json(root / "latest.json", {"step": step, "dir": final.name})
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_resume_global_batch(out: str | Path, cfg: TuneConfig, world: int) -> None:
+    """Refuse a resume whose ``world × batch_size`` differs from its checkpoint's global batch.
+
+    A checkpoint's step counts global batches of the data order, so another global batch would
+    silently train on other data with another effective learning rate; another process count is
+    fine when ``batch_size`` keeps the product. Runs before the run dir is opened: a refused
+    resume changes nothing in it.
+    """
+    from .runs import LOCK
+    if (Path(out) / LOCK).exists():
+        RunDir._check_lock(Path(out) / LOCK)  # a live run's dir: that comes first
+    latest = Path(out) / "checkpoints" / "latest.json"
+    if not latest.exists():
+        return
+    meta = json.loads((latest.parent / json.loads(latest.read_text())["dir"] / "state.json").read_text())
+    saved = meta.get("global_batch") or meta["tokens"] // (meta["step"] * cfg.context_size)  # older checkpoints
+    now = world * cfg.batch_size
+    if saved != now:
+        fix = (f"resume with --batch-size {saved // world}" if saved % world == 0
+               else f"resume on a process count that divides {saved}")
+        raise SaetuneError(f"cannot resume {str(out)!r} with a global batch of {now} sequences ({world} processes × "
+                           f"batch_size {cfg.batch_size}): its checkpoint (step {meta['step']}) was trained with a "
+                           f"global batch of {saved}; {fix}")
 
 
 def latest_checkpoint(run: RunDir) -> Path | None:
@@ -421,9 +446,14 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
     """
     from tqdm.auto import tqdm
     from .activations import resolve_device
+    if resume and out is not None:
+        check_resume_global_batch(out, cfg, launched_world_size())
+    # batch_size may change on resume when the process count does (the global batch is checked above)
     dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
-                          seed=cfg.seed, resume_ignore=("progress", "log_every"), gpu_hour_usd=cfg.gpu_hour_usd)
+                          seed=cfg.seed, resume_ignore=("progress", "log_every", "batch_size"),
+                          gpu_hour_usd=cfg.gpu_hour_usd)
     device = dist.device
+    sigterm = SigtermInterrupts()  # torchrun SIGTERMs the survivors when a rank dies: record the stop
     try:
         with run.phase("load"):
             tuner = SAETuner(cfg, device)
@@ -434,6 +464,7 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         if cfg.sae:
             run.add_input("sae", cfg.sae)
         global_batch = cfg.batch_size * dist.world
+        run.manifest["global_batch"] = global_batch
         per_epoch = chunks.shape[0] // global_batch
         if per_epoch == 0:
             raise SaetuneError(f"the data packs into {chunks.shape[0]} chunks of {cfg.context_size} tokens, fewer "
@@ -540,9 +571,9 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         print(f"{what}: {run.manifest['wall_seconds'] / 60:.1f} minutes, ${run.manifest['estimated_cost_usd']:.2f} "
               f"({run.manifest['gpu_hours']:.3f} GPU-hours)")
         return results
-    except KeyboardInterrupt:
-        run.fail("interrupted")
-        raise
     except BaseException as e:
-        run.fail(str(e) or type(e).__name__)
+        sigterm.stopping = True
+        run.fail(str(e) or ("interrupted" if isinstance(e, KeyboardInterrupt) else type(e).__name__))
         raise
+    finally:
+        sigterm.restore()

@@ -155,6 +155,40 @@ def test_a_rank_killed_mid_run_stops_the_job_and_resume_finishes_the_same_sae(st
         torch.testing.assert_close(got[k], reference[k], rtol=1e-4, atol=1e-5)
 
 
+def test_a_hung_rank_fails_the_run_after_the_dist_timeout(store, tmp_path):
+    """A rank that stops answering (SIGSTOP: a stuck file system, a paused container) instead of dying:
+    with SAETUNE_DIST_TIMEOUT_S=4 rank 0's next collective gives up after ~4 s and the run is recorded failed
+    (without it, torch's default would hold rank 0 for 30 minutes)."""
+    out = tmp_path / "run"
+    env = {**ENV, "SAETUNE_DIST_TIMEOUT_S": "4"}
+    log = open(tmp_path / "job.log", "w")
+    job = subprocess.Popen(_cli(*_train_sae_args(store, out, max_steps=400), nproc=2), env=env, stdout=log,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: (out / "checkpoints" / "latest.json").exists(), "checkpoint", job)
+        workers = _workers(job)
+        workers[1].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _wait_for(lambda: _manifest(out)["status"] == "failed", "a failed manifest", job, timeout=60)
+        waited = time.monotonic() - stopped_at
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the stopped rank never reads torchrun's SIGTERM
+        job.wait(timeout=30)
+        log.close()
+    assert 3 < waited < 40, f"rank 0 gave up {waited:.1f} s after its peer hung (timeout 4 s)"
+    man = _manifest(out)
+    assert man["status"] == "failed" and not (out / "sae").exists()
+    assert "timed out" in json.dumps(man).lower(), man  # the collective's timeout, not another failure
+    assert not (out / LOCK).exists()  # rank 0 recorded the failure and freed the lock
+    with pytest.raises(SaetuneError, match="SAETUNE_DIST_TIMEOUT_S='soon'"):
+        from saetune.distributed import dist_timeout_s
+        os.environ["SAETUNE_DIST_TIMEOUT_S"] = "soon"
+        try:
+            dist_timeout_s()
+        finally:
+            del os.environ["SAETUNE_DIST_TIMEOUT_S"]
+
+
 def test_sigterm_stops_train_sae_as_failed_frees_the_lock_and_restores_the_handler(store, tmp_path, monkeypatch):
     """torchrun SIGTERMs the survivors of a dead rank: the run records that instead of vanishing 'running'."""
 
@@ -349,7 +383,7 @@ def test_tune_rank_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapte
     assert job.returncode != 0, (tmp_path / "ddp.log").read_text()[-3000:]
     assert time.monotonic() - killed_at < 60  # rank 0 did not wait on in a dead collective
     man = _manifest(out)
-    assert man["status"] in ("failed", "running")  # 'running' if torchrun's SIGTERM ended rank 0 first
+    assert man["status"] == "failed"  # a gloo error or torchrun's SIGTERM: either is recorded
     assert not (out / "adapter").exists()
     done = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
     assert done % 4 == 0 and 4 <= done < 24
@@ -366,3 +400,42 @@ def test_tune_rank_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapte
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_tune_resume_on_another_world_size_must_keep_the_global_batch(tmp_path, monkeypatch):
+    """A 1-process tune (global batch 2) killed after its step-4 checkpoint: resuming it on 2 processes with
+    batch_size 2 (global batch 4) is refused before the run dir is touched, naming the --batch-size that keeps
+    the global batch; with --batch-size 1 it resumes and ends with the uninterrupted adapter."""
+    from saetune.config import load_config
+    from saetune.tuning import SAETuner, TuneConfig, tune
+    SAE(SAEConfig(d_in=128, d_sae=256, k=8, hook_name="model.layers.2"), seed=0).save(tmp_path / "sae")
+    cfg = load_config(TuneConfig, "toy_tune", {"sae": str(tmp_path / "sae"), "max_steps": 8, "max_examples": 100,
+                                               "context_size": 48, "eval_seqs": 0, "checkpoint_every": 2,
+                                               "batch_size": 2, "log_every": 1, "progress": False})
+    tune(cfg, tmp_path / "full")
+    calls, orig = {"n": 0}, SAETuner.loss
+
+    def dying(self, ids):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return orig(self, ids)
+
+    monkeypatch.setattr(SAETuner, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, tmp_path / "killed")
+    monkeypatch.setattr(SAETuner, "loss", orig)
+    before = _files(tmp_path / "killed")
+    proc, _ = _run(_cli("tune", "--resume", tmp_path / "killed", nproc=2), timeout=300)
+    assert proc.returncode != 0, "a resume that changes the global batch from 2 to 4 went on"
+    assert "global batch of 2" in proc.stderr and "--batch-size 1" in proc.stderr, proc.stderr[-3000:]
+    assert _files(tmp_path / "killed") == before
+    proc, _ = _run(_cli("tune", "--resume", tmp_path / "killed", "--batch-size", "1", nproc=2), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["tokens"] == 8 * 2 * 48
+    assert _manifest(tmp_path / "killed")["global_batch"] == 2
