@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from interrupt import interrupted_run
 import torch
 from safetensors.torch import load_file
 
@@ -227,19 +228,7 @@ def test_a_resume_on_a_world_size_that_does_not_split_the_global_batch_is_refuse
                                                                                           monkeypatch):
     cfg = TrainSAEConfig(activations=str(store), **SAE_FLAGS)
     out = tmp_path / "run"
-    calls = {"n": 0}
-    orig = SAETrainer.step
-
-    def dying(self, x, autocast):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return orig(self, x, autocast)
-
-    monkeypatch.setattr(SAETrainer, "step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_sae(cfg, out)
-    monkeypatch.setattr(SAETrainer, "step", orig)
+    interrupted_run(monkeypatch, SAETrainer, "step", 5, train_sae, cfg, out)
     before = _files(out)
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SaetuneError, match=r"batch_size 512 \(the global batch\) must divide evenly over 3 processes; "
@@ -413,18 +402,7 @@ def test_tune_resume_on_another_world_size_must_keep_the_global_batch(tmp_path, 
                                                "context_size": 48, "eval_seqs": 0, "checkpoint_every": 2,
                                                "batch_size": 2, "log_every": 1, "progress": False})
     tune(cfg, tmp_path / "full")
-    calls, orig = {"n": 0}, SAETuner.loss
-
-    def dying(self, ids):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return orig(self, ids)
-
-    monkeypatch.setattr(SAETuner, "loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        tune(cfg, tmp_path / "killed")
-    monkeypatch.setattr(SAETuner, "loss", orig)
+    interrupted_run(monkeypatch, SAETuner, "loss", 5, tune, cfg, tmp_path / "killed")
     before = _files(tmp_path / "killed")
     proc, _ = _run(_cli("tune", "--resume", tmp_path / "killed", nproc=2), timeout=300)
     assert proc.returncode != 0, "a resume that changes the global batch from 2 to 4 went on"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from interrupt import interrupted_run
 import torch
 from safetensors.torch import load_file
 
@@ -68,19 +69,7 @@ def test_two_processes_train_the_one_process_sae_and_resume_across_world_sizes(s
         assert r2["fvu"] == pytest.approx(r1["fvu"], rel=1e-5) and r2["dead_frac"] == r1["dead_frac"]
 
     # killed in one process after the step-3 checkpoint, resumed in two: the same SAE
-    calls = {"n": 0}
-    orig = SAETrainer.step
-
-    def dying(self, x, autocast):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return orig(self, x, autocast)
-
-    monkeypatch.setattr(SAETrainer, "step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_sae(cfg, tmp_path / "killed")
-    monkeypatch.setattr(SAETrainer, "step", orig)
+    interrupted_run(monkeypatch, SAETrainer, "step", 5, train_sae, cfg, tmp_path / "killed")
     _torchrun(store, tmp_path / "killed", ["--resume", str(tmp_path / "killed")])
     c = _weights(tmp_path / "killed")
     for k in a:

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from interrupt import interrupted_run
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -376,22 +377,10 @@ def test_interrupted_adam_run_resumes_exactly(tiny_model_dir, store_dir, tmp_pat
                   checkpoint_every=2, total_tokens=10 * BATCH)
     train_sae(cfg, out=tmp_path / "ref")
 
-    real_step = train_mod.SAETrainer.step
-    calls = {"n": 0}
-
-    def interrupt_at_5(self, x, autocast):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_step(self, x, autocast)
-
-    monkeypatch.setattr(train_mod.SAETrainer, "step", interrupt_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        train_sae(cfg, out=tmp_path / "cut")
+    interrupted_run(monkeypatch, train_mod.SAETrainer, "step", 5, train_sae, cfg, out=tmp_path / "cut")
     m = read_manifest(tmp_path / "cut")
     assert m["status"] == "failed" and m["error"] == "interrupted"
     assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 4
-    monkeypatch.setattr(train_mod.SAETrainer, "step", real_step)
 
     train_sae(cfg, out=tmp_path / "cut", resume=True)
     a = load_file(str(tmp_path / "ref" / "sae" / "sae_weights.safetensors"))

@@ -4,6 +4,7 @@ saving is exact, training moves the loss, checkpoints resume to the same adapter
 import json
 
 import pytest
+from interrupt import interrupted_run
 import torch
 import torch.nn.functional as F
 
@@ -133,19 +134,7 @@ def test_tune_run_trains_saves_and_resumes_identically(sae_dir, tmp_path, monkey
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "kl", "fvu", "tokens_per_s", "grad_norm", "lr", "tokens"} <= set(rows[0])
 
-    calls = {"n": 0}
-    orig = SAETuner.loss
-
-    def dying(self, ids):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return orig(self, ids)
-
-    monkeypatch.setattr(SAETuner, "loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        tune(cfg, tmp_path / "killed")
-    monkeypatch.setattr(SAETuner, "loss", orig)
+    interrupted_run(monkeypatch, SAETuner, "loss", 5, tune, cfg, tmp_path / "killed")
     assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["status"] == "failed"
     tune(cfg, tmp_path / "killed", resume=True)
     from safetensors.torch import load_file
