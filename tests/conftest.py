@@ -35,3 +35,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def toy_store(tmp_path_factory) -> Path:
+    """An activation store of the shipped toy at ``model.layers.2``: 300 toy examples in 64-token chunks."""
+    from saetune.activations import CacheConfig, cache
+
+    d = tmp_path_factory.mktemp("acts") / "cache"
+    cache(CacheConfig(model="toy", hooks=["model.layers.2"], dataset="toy", max_examples=300, context_size=64,
+                      progress=False), d)
+    return d

@@ -25,7 +25,6 @@ from interrupt import interrupted_run
 import torch
 from safetensors.torch import load_file
 
-from saetune.activations import CacheConfig, cache
 from saetune.errors import SaetuneError
 from saetune.runs import LOCK, RunDir, _pid_alive
 from saetune.sae import SAE, SAEConfig
@@ -106,11 +105,8 @@ def _assert_last_checkpoint_whole(d: Path, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("acts") / "cache"
-    cache(CacheConfig(model="toy", hooks=["model.layers.2"], dataset="toy", max_examples=300, context_size=64,
-                      progress=False), d)
-    return d
+def store(toy_store):
+    return toy_store
 
 
 @pytest.fixture(scope="module")

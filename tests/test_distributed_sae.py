@@ -15,7 +15,6 @@ from interrupt import interrupted_run
 import torch
 from safetensors.torch import load_file
 
-from saetune.activations import CacheConfig, cache
 from saetune.errors import SaetuneError
 from saetune.train_sae import SAETrainer, TrainSAEConfig, train_sae
 
@@ -27,11 +26,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("acts") / "cache"
-    cache(CacheConfig(model="toy", hooks=["model.layers.2"], dataset="toy", max_examples=300, context_size=64,
-                      progress=False), d)
-    return d
+def store(toy_store):
+    return toy_store
 
 
 FLAGS = dict(activations=None, hooks=["model.layers.2"], d_sae=[256], k=[8], batch_size=512, max_steps=6, optimizer="adam",
