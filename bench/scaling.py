@@ -4,8 +4,12 @@
    (gloo on CPU, NCCL on GPUs): tokens/s of the training phase.
 2. Many SAEs per forward: on-the-fly training of 1 SAE vs 4 SAEs (2 hooks × 2 widths) from one
    stream of forwards, with and without the prefetch thread: SAE-tokens/s (tokens × SAEs / s).
+3. SAE-Tuning of the toy (``toy_tune``): 1 process vs 2 processes under DDP (torchrun), FSDP2 and
+   DeepSpeed ZeRO-2 (``accelerate launch`` with the CPU test configs; on GPUs use the GPU ones),
+   the same global batch: tokens/s of the training phase.
 
     python bench/scaling.py            # prints a table last, writes bench/scaling.json
+    PARTS=tune python bench/scaling.py # only part 3 (PARTS: any of sae, many, tune; comma-separated)
 """
 
 from __future__ import annotations
@@ -32,20 +36,55 @@ def _train_seconds(run_dir: Path) -> float:
     return json.loads((run_dir / "manifest.json").read_text())["phases"]["train"]
 
 
+def _tune_rows(tmp: Path, env: dict) -> list[dict]:
+    """Part 3: ``saetune tune`` on the toy, one launch per engine, global batch 8 × 128 tokens."""
+    from saetune.sae import SAE, SAEConfig
+    recipes = Path(__file__).resolve().parents[1] / "saetune" / "recipes" / "accelerate"
+    SAE(SAEConfig(d_in=128, d_sae=1024, k=16, hook_name="model.layers.2"), seed=0).save(tmp / "tune-sae")
+    steps = os.environ.get("TUNE_STEPS", "40")
+    args = ["--config", "toy_tune", "--sae", str(tmp / "tune-sae"), "--max-steps", steps, "--eval-seqs", "0",
+            "--checkpoint-every", "0", "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    launches = {
+        "1 process, batch 8": ([sys.executable], ["--batch-size", "8"]),
+        "2 processes, DDP (torchrun), batch 4 each": (torchrun + [str(_port())], ["--batch-size", "4"]),
+        "2 processes, FSDP2 (accelerate), batch 4 each": (
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipes / "fsdp_cpu_test.yaml"),
+             "--main_process_port", str(_port())], ["--batch-size", "4"]),
+        "2 processes, ZeRO-2 (accelerate), batch 4 each": (
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(recipes / "deepspeed_zero2_cpu_test.yaml"), "--main_process_port", str(_port())], ["--batch-size", "4"]),
+    }
+    rows = []
+    for name, (launcher, extra) in launches.items():
+        out = tmp / ("tune-" + name.split(",")[0].replace(" ", "") + str(len(rows)))
+        subprocess.run(launcher + ["-m", "saetune.cli", "tune", *args, *extra, "--out", str(out)], env=env, check=True,
+                       capture_output=True)
+        res = json.loads((out / "results.json").read_text())
+        rows.append({"what": f"tune (toy_tune), {name}", "tokens": res["tokens"], "train_s": round(_train_seconds(out), 2),
+                     "tokens_per_s": round(res["tokens_per_s"])})
+    return rows
+
+
 def main() -> None:
     from saetune.activations import CacheConfig, cache
     from saetune.train_sae import TrainSAEConfig, train_sae
 
     tmp = Path(tempfile.mkdtemp(prefix="saetune-scaling-"))
     examples = int(os.environ.get("EXAMPLES", "4000"))
-    store = tmp / "cache"
-    cache(CacheConfig(model="toy", hooks=["model.layers.2"], dataset="toy", max_examples=examples, context_size=128,
-                      progress=False), store)
+    parts = set(os.environ.get("PARTS", "sae,many,tune").split(","))
     rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if "tune" in parts:
+        rows += _tune_rows(tmp, env)
+        (Path(__file__).with_name("scaling.json")).write_text(json.dumps(rows, indent=1))
+    store = tmp / "cache"
+    if "sae" in parts:
+        cache(CacheConfig(model="toy", hooks=["model.layers.2"], dataset="toy", max_examples=examples,
+                          context_size=128, progress=False), store)
     base = ["--activations", str(store), "--hooks", "model.layers.2", "--d-sae", "4096", "--k", "32",
             "--batch-size", "2048", "--eval-seqs", "0", "--checkpoint-every", "0", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for world in (1, 2):
+    for world in (1, 2) if "sae" in parts else ():
         out = tmp / f"ddp{world}"
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
                      str(_port())] if world > 1 else [sys.executable])
@@ -62,8 +101,9 @@ def main() -> None:
 
     import torch
     torch.set_num_threads(2)
-    for hooks, widths, pf in ((["model.layers.2"], [1024], 0), (["model.layers.1", "model.layers.2"], [512, 1024], 0),
-                              (["model.layers.1", "model.layers.2"], [512, 1024], 2)):
+    many = ((["model.layers.2"], [1024], 0), (["model.layers.1", "model.layers.2"], [512, 1024], 0),
+            (["model.layers.1", "model.layers.2"], [512, 1024], 2))
+    for hooks, widths, pf in many if "many" in parts else ():
         out = tmp / f"many-{len(hooks) * len(widths)}-{pf}"
         cfg = TrainSAEConfig(model="toy", dataset="toy", max_examples=examples, hooks=hooks, d_sae=widths, k=[16],
                              batch_size=1024, context_size=128, eval_seqs=0, checkpoint_every=0, prefetch=pf,
