@@ -17,8 +17,8 @@ A CURE step in a verl trainer, with saetune's pieces (names as registered by
    the reward is computed on a branch's continuation only (it is the branch's response).
 
 Steps 1, 2 and 5's update belong to verl's trainer loop; saetune does not ship a trainer
-subclass, so a CURE run needs those calls placed in a custom ``fit`` (see the recipe in
-``saetune/recipes/verl/README.md``).
+subclass (one for verl's trainer registry could not be exercised without Ray workers and GPUs),
+so a CURE run needs those calls placed in a custom ``fit`` (see ``saetune/recipes/verl/README.md``).
 """
 
 from __future__ import annotations
