@@ -1,22 +1,33 @@
 # saetune: the two commands a newcomer types on a fresh clone.
-#   make demo   — create .venv if missing, then run `saetune demo`
-#   make test   — create .venv if missing, then run the test suite
-# On a machine without an NVIDIA GPU the set-up installs a CPU build of torch first, so pip
-# never pulls a multi-GB CUDA build.
+#   make demo          — create .venv with what the demo needs (locked versions), then run `saetune demo`
+#   make test          — add the test extras (TRL, verl, DeepSpeed, Chromium), then run the test suite
+# and, for maintainers:
+#   make test-latest   — the suite in .venv-latest, resolved to the newest releases (finds upstream drift)
+#   make lock          — make test-latest, then write its versions to constraints.txt
+# Installs use constraints.txt (pip constraints: every direct and transitive dependency at the
+# versions the suite passed with). On a machine without
+# an NVIDIA GPU the set-up installs a CPU build of torch first, so pip never pulls a multi-GB CUDA build.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_CPU ?= torch==2.13.0
+LATEST ?=
+TORCH_CPU ?= torch==$(or $(shell sed -n 's/^torch==//p' constraints.txt 2>/dev/null),2.13.0)
+# Locked: every install constrained by constraints.txt. LATEST=1: everything upgraded to the newest
+# release except torch, which stays at the lock's version (a newer one would be a multi-GB CUDA build).
+PIP_C := $(if $(LATEST),-U --upgrade-strategy eager "$(TORCH_CPU)",-c constraints.txt)
 ARGS ?=
 
-.PHONY: demo test venv bench chromium
+.PHONY: demo test venv venv-demo bench chromium test-latest lock
 
+# verl pins transformers<5.11, so verl and the modules its imports need go in without its dependency
+# tree, at these versions (in every mode, newest included: they are pinned, not resolved).
 VERL_NO_DEPS := verl==0.9.1 ray==2.60.0 tensordict==0.10.0 omegaconf==2.3.0 hydra-core==1.3.2 \
 	antlr4-python3-runtime==4.9.3 codetiming==1.4.0 msgpack==1.2.4 pyvers==0.2.3 orjson==3.13.0 torchdata==0.11.0
-VERL_WITH_DEPS := aiohttp==3.14.5 fastapi==0.165.0 cachetools==8.0.2
-DEEPSPEED := deepspeed==0.19.8
+VERL_WITH_DEPS := aiohttp fastapi cachetools
+DEEPSPEED := deepspeed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# What the demo needs: torch (CPU build without a GPU) and saetune with its own dependencies.
+$(VENV)/.demo-installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing the default (CUDA) torch"; \
@@ -24,22 +35,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 		extra=""; \
 		if $(PY) -c "import socket; socket.create_connection(('download.pytorch.org', 443), 3)" 2>/dev/null; then \
 			extra="--extra-index-url https://download.pytorch.org/whl/cpu"; fi; \
-		$(PY) -m pip install -q "$(TORCH_CPU)" $$extra; \
+		$(PY) -m pip install -q $(if $(LATEST),,-c constraints.txt) "$(TORCH_CPU)" $$extra; \
 	fi
-	# [trl]: the tests run real TRL GRPOTrainer steps with saetune's rewards ([dev] itself pulls no engine)
-	$(PY) -m pip install -q -e ".[dev,trl]"
-	# verl: its tests exercise saetune's registered pieces through verl's own code on CPU. verl pins
-	# transformers<5.11, so verl and the modules its imports need go in without its dependency tree.
-	$(PY) -m pip install -q --no-deps $(VERL_NO_DEPS)
-	$(PY) -m pip install -q $(VERL_WITH_DEPS)
-	# DeepSpeed for the ZeRO-2 tune test (CPU over gloo): no ops built now; its one JIT op (shm comm) is
-	# compiled on the first multi-process run and cached by torch (about 1.5 minutes, once per machine).
-	DS_BUILD_OPS=0 $(PY) -m pip install -q $(DEEPSPEED)
+	$(PY) -m pip install -q $(PIP_C) -e .
 	touch $@
 
+# What the tests add. [trl]: real TRL GRPOTrainer steps with saetune's rewards ([dev] pulls no engine).
+# verl: its tests exercise saetune's registered pieces through verl's own code on CPU.
+# DeepSpeed for the ZeRO-2 tune test (CPU over gloo): no ops built now; its one JIT op (shm comm) is
+# compiled on the first multi-process run and cached by torch (about 1.5 minutes, once per machine).
+$(VENV)/.installed: $(VENV)/.demo-installed
+	$(PY) -m pip install -q $(PIP_C) -e ".[dev,trl]"
+	$(PY) -m pip install -q --no-deps $(VERL_NO_DEPS)
+	$(PY) -m pip install -q $(PIP_C) $(VERL_WITH_DEPS)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q $(PIP_C) $(DEEPSPEED)
+	touch $@
+
+venv-demo: $(VENV)/.demo-installed
 venv: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.demo-installed
 	$(VENV)/bin/saetune demo $(ARGS)
 
 # The explorer's browser test drives Debian's chromium through Playwright; install it when missing.
@@ -50,6 +65,20 @@ chromium:
 test: $(VENV)/.installed chromium
 	TRITON_INTERPRET=1 SPARSIFY_DISABLE_TRITON=1 $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
-bench: $(VENV)/.installed
+# The suite against the newest releases, in a venv of its own (the locked .venv is left alone).
+test-latest:
+	rm -f .venv-latest/.demo-installed .venv-latest/.installed
+	$(MAKE) test VENV=.venv-latest LATEST=1
+
+# The lock is what the suite just passed with: local version labels (+cpu) dropped so a CUDA
+# machine takes the same release.
+lock: test-latest
+	{ echo "# saetune's lock: every direct and transitive dependency at the versions the whole test suite passed"; \
+	  echo "# with (Python $$(.venv-latest/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -s) $$(uname -m)). pip constraints: make demo / make test install with '-c constraints.txt'."; \
+	  echo "# Regenerate with 'make lock' (which first runs 'make test-latest'); never edit by hand."; \
+	  .venv-latest/bin/python -m pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+
+bench: $(VENV)/.demo-installed
 	$(PY) bench/cpu_sae_step.py
 	$(PY) bench/capture_overhead.py

@@ -1,4 +1,4 @@
-"""Lazy reader of the explorer's feature data (layout: :mod:`saetune.analysis.features`).
+"""Lazy reader of the explorer's feature data (layout: :mod:`saetune.analysis.feature_build`).
 
 Opening costs a ``meta.json`` read; each per-feature array loads on first use (one tensor of
 ``stats.safetensors``), and one feature's contexts are one ``seek`` + one line of

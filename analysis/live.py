@@ -33,7 +33,7 @@ def prompt_activations(model, tokenizer, sae, hook: str, text: str, top_n: int =
         logits = model(input_ids=x, use_cache=False).logits[0]  # [T, V]
     f = sae.to(device).encode(acts[hp.name][0].float()).float().cpu().numpy()  # [T, F]
     ent = token_entropy(logits.float()).cpu().numpy()  # [T]
-    from .features import token_texts
+    from .feature_build import token_texts
     tokens = token_texts(tokenizer, ids)
     rows = []
     for t in range(len(ids)):

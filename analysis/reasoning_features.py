@@ -91,7 +91,7 @@ def reasoning_feature_records(model, tokenizer, saes: dict[str, Any], prompt: st
     hooks = {h: resolve_hook(model, h) for h in saes}
     device = next(model.parameters()).device
     acts = run_to_hooks(model, torch.tensor([ids], device=device), list(hooks.values()))
-    from .features import token_texts
+    from .feature_build import token_texts
     out = {"prompt": text, "tokens": token_texts(tokenizer, ids), "open_positions": open_pos,
            "close_positions": close_pos, "other_positions": np.flatnonzero(other).tolist(), "hooks": {}}
     for h, sae in saes.items():

@@ -37,7 +37,7 @@ def timed(step, n):
 
 def make_saetune(d, m, k, xs, optimizer):
     from saetune.sae import SAE, SAEConfig
-    from saetune.train_sae import SAETrainer, TrainSAEConfig
+    from saetune.sae_trainer import SAETrainer, TrainSAEConfig
     cfg = TrainSAEConfig(d_sae=[m], k=[k], optimizer=optimizer, lr=1e-4 if optimizer == "adam" else 0.0)
     t = SAETrainer("bench", SAE(SAEConfig(d, m, k=k), seed=0), cfg, "cpu")
     it = iter(range(10**9))

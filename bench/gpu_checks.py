@@ -83,7 +83,7 @@ def check_ops():
 
 def sae_step():
     from saetune.sae import SAE, SAEConfig
-    from saetune.train_sae import SAETrainer, TrainSAEConfig
+    from saetune.sae_trainer import SAETrainer, TrainSAEConfig
     rows = []
     for d, n, k, B in [(1536, 49152, 64, 4096), (1536, 65536, 32, 4096), (1536, 65536, 32, 32768)]:
         xs = [torch.randn(B, d, device="cuda") for _ in range(2)]

@@ -98,7 +98,7 @@ def median_min_ms(fn, steps=STEPS, warm=WARM) -> tuple[float, float]:
 
 def saetune_step(d, n, k, xs, optimizer, backend):
     from saetune.sae import SAE, SAEConfig
-    from saetune.train_sae import SAETrainer, TrainSAEConfig
+    from saetune.sae_trainer import SAETrainer, TrainSAEConfig
     cfg = TrainSAEConfig(d_sae=[n], k=[k], optimizer=optimizer, lr=1e-4 if optimizer == "adam" else 0.0)
     t = SAETrainer("bench", SAE(SAEConfig(d, n, k=k), seed=0).to(DEV), cfg, DEV)
     autocast = torch.bfloat16 if CUDA else None

@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _port() -> int:
@@ -68,7 +67,7 @@ def _tune_rows(tmp: Path, env: dict) -> list[dict]:
 
 def main() -> None:
     from saetune.activations import CacheConfig, cache
-    from saetune.train_sae import TrainSAEConfig, train_sae
+    from saetune.sae_trainer import TrainSAEConfig, train_sae
 
     tmp = Path(tempfile.mkdtemp(prefix="saetune-scaling-"))
     examples = int(os.environ.get("EXAMPLES", "4000"))

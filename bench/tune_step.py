@@ -19,14 +19,12 @@ import json
 import os
 import statistics
 import tempfile
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, hook layer, d_sae, k, seq, batch)

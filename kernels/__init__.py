@@ -10,14 +10,17 @@ AuxK, BatchTopK threshold), ``triton_sparse`` (gather decoder, latent-major back
 entropy/log-prob), ``dispatch``. Triton is imported only when a Triton path runs.
 """
 
-from .dispatch import batch_topk, sae_update, sparse_decode, topk_autoencode, topk_encode, topk_select, use_triton
+if __name__ != "saetune.kernels":  # found as a top-level `kernels` from a checkout root: see saetune/_checkout.py
+    from saetune._checkout import hand_over
 
-__all__ = ["batch_topk", "linear_entropy_logprob", "sae_update", "sparse_decode", "topk_autoencode", "topk_encode",
-           "topk_select", "use_triton"]
+    hand_over(__name__, __file__)
+else:
+    from saetune._lazy import lazy_exports
 
+    from .dispatch import batch_topk, sae_update, sparse_decode, topk_autoencode, topk_encode, topk_select, use_triton
 
-def __getattr__(name):
-    if name == "linear_entropy_logprob":  # imports triton (when present): only on first use
-        from .entropy import linear_entropy_logprob
-        return linear_entropy_logprob
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # linear_entropy_logprob imports triton (when present): only on first use
+    __getattr__, __dir__ = lazy_exports(__name__, globals(), {"linear_entropy_logprob": "saetune.kernels.entropy"})
+
+    __all__ = ["batch_topk", "linear_entropy_logprob", "sae_update", "sparse_decode", "topk_autoencode", "topk_encode",
+               "topk_select", "use_triton"]

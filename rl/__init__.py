@@ -19,10 +19,15 @@ single-node trainer around them.
 
 from __future__ import annotations
 
-from saetune._lazy import lazy_exports
+if __name__ != "saetune.rl":  # found as a top-level `rl` from a checkout root: see saetune/_checkout.py
+    from saetune._checkout import hand_over
 
-_LAZY = {"train": "saetune.rl.trainer", "RLConfig": "saetune.rl.trainer"}
+    hand_over(__name__, __file__)
+else:
+    from saetune._lazy import lazy_exports
 
-__all__ = sorted(_LAZY)
+    _LAZY = {"train": "saetune.rl.trainer", "RLConfig": "saetune.rl.trainer"}
 
-__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
+    __all__ = sorted(_LAZY)
+
+    __getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)

@@ -62,11 +62,11 @@ def _stage(module: str, fn: str) -> Callable:
 
 
 cmd_cache = _stage("saetune.activations", "cache")
-cmd_train_sae = _stage("saetune.train_sae", "train_sae")
+cmd_train_sae = _stage("saetune.sae_trainer", "train_sae")
 cmd_tune = _stage("saetune.tuning", "tune")
 cmd_merge = _stage("saetune.attach", "merge")
 cmd_attach = _stage("saetune.attach", "attach")
-cmd_features = _stage("saetune.analysis.features", "features")
+cmd_features = _stage("saetune.analysis.feature_build", "features")
 cmd_rl = _stage("saetune.rl.trainer", "train")
 
 
@@ -126,7 +126,7 @@ def cmd_verl_train(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import demo
+    from .demo_pipeline import demo
     cfg, out, resume = _resolve(args)
     demo(cfg, out, resume=resume, overwrite=args.overwrite)
 
@@ -134,9 +134,9 @@ def cmd_demo(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .activations import CacheConfig
     from .attach import AttachConfig, MergeConfig
-    from .demo import DemoConfig
+    from .demo_pipeline import DemoConfig
     from .toy.build import ToyBuildConfig
-    from .train_sae import TrainSAEConfig
+    from .sae_trainer import TrainSAEConfig
     from .tuning import TuneConfig
 
     parser = argparse.ArgumentParser(prog="saetune", description=(
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "parents of eval run dirs) instead of evaluating")
     p.add_argument("--metric", default="pass@1", help="metric of the --compare table: pass@1, avg@k or pass@k:K")
     p.set_defaults(fn=cmd_eval)
-    from saetune.analysis.features import FeaturesConfig
+    from saetune.analysis.feature_build import FeaturesConfig
     p = _verb(sub, "features", FeaturesConfig, "precompute per-feature explorer data (density, histograms, contexts, "
               "logit effects, neighbours, think-token features)")
     p.set_defaults(fn=cmd_features)

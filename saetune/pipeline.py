@@ -32,7 +32,7 @@ from .io import atomic_write_json
 # verb → (module, config class, run function); every run function is f(cfg, out, resume=, overwrite=)
 VERBS: dict[str, tuple[str, str, str]] = {
     "cache": ("saetune.activations", "CacheConfig", "cache"),
-    "train-sae": ("saetune.train_sae", "TrainSAEConfig", "train_sae"),
+    "train-sae": ("saetune.sae_trainer", "TrainSAEConfig", "train_sae"),
     "tune": ("saetune.tuning", "TuneConfig", "tune"),
     "merge": ("saetune.attach", "MergeConfig", "merge"),
     "attach": ("saetune.attach", "AttachConfig", "attach"),

@@ -52,9 +52,9 @@ def build(root: Path) -> Path:
     key = str(root)
     if key in _BUILT:
         return _BUILT[key]
-    from saetune.analysis.features import FeaturesConfig, features
+    from saetune.analysis.feature_build import FeaturesConfig, features
     from saetune.toy import shipped_base_path
-    from saetune.train_sae import TrainSAEConfig, train_sae
+    from saetune.sae_trainer import TrainSAEConfig, train_sae
 
     run = root / "demo-mini"
     _manifest(run / "toy-base", "toy", 0.1)

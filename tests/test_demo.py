@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from saetune.demo import DemoConfig, demo, format_table
+from saetune.demo_pipeline import DemoConfig, demo, format_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from saetune.errors import SaetuneError
 from saetune.runs import LOCK, RunDir, _pid_alive
 from saetune.sae import SAE, SAEConfig
-from saetune.train_sae import SAETrainer, TrainSAEConfig, train_sae
+from saetune.sae_trainer import SAETrainer, TrainSAEConfig, train_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SAETUNE_DEBUG": "1"}

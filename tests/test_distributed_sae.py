@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from saetune.errors import SaetuneError
-from saetune.train_sae import SAETrainer, TrainSAEConfig, train_sae
+from saetune.sae_trainer import SAETrainer, TrainSAEConfig, train_sae
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ import torch
 
 from explorer_fixtures import FEATURES_KW, pipeline_dir
 from saetune.analysis.feature_data import FeatureData, feature_dirs
-from saetune.analysis.features import (FeaturesConfig, coactivation_neighbours, excluded_token_ids,
+from saetune.analysis.feature_build import (FeaturesConfig, coactivation_neighbours, excluded_token_ids,
                                        feature_stats, training_data)
 from saetune.errors import SaetuneError
 
@@ -190,7 +190,7 @@ def test_token_texts_keep_spaces_for_bpe_and_word_level():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from saetune.analysis.features import token_texts
+    from saetune.analysis.feature_build import token_texts
     from saetune.toy.tokenizer import build_tokenizer
 
     bpe = Tokenizer(models.BPE(vocab={"a": 0, "Ġ": 1, "b": 2, "Ġb": 3, "c": 4}, merges=[("Ġ", "b")]))

@@ -39,7 +39,7 @@ def test_backend_is_read_at_call_time(monkeypatch):
 def test_cpu_default_does_not_import_triton_kernels():
     import subprocess
     import sys
-    code = ("import sys, torch; from saetune.sae import SAE, SAEConfig; from saetune.train_sae import SAETrainer, "
+    code = ("import sys, torch; from saetune.sae import SAE, SAEConfig; from saetune.sae_trainer import SAETrainer, "
             "TrainSAEConfig; t = SAETrainer('a', SAE(SAEConfig(4, 9, k=2), seed=0), TrainSAEConfig(d_sae=[9], k=[2]), "
             "'cpu'); t.step(torch.randn(5, 4), None); print(any(m.startswith('saetune.kernels.triton') for m in "
             "sys.modules))")
@@ -50,7 +50,7 @@ def test_cpu_default_does_not_import_triton_kernels():
 
 def _curve(mode, arch, optimizer, auxk, monkeypatch, steps=3):
     from saetune.sae import SAE, SAEConfig
-    from saetune.train_sae import SAETrainer, TrainSAEConfig
+    from saetune.sae_trainer import SAETrainer, TrainSAEConfig
     monkeypatch.setenv("SAETUNE_KERNELS", mode)
     if mode == "triton":  # the fused optimiser pass must really run, not fall back to the torch sweeps
         from saetune.kernels import triton_optim

@@ -9,7 +9,7 @@ from saetune.config import load_config, read_yaml, resolve_recipe
 from saetune.errors import SaetuneError
 from saetune.pipeline import load_pipeline, run_pipeline
 from saetune.rl.trainer import RLConfig
-from saetune.train_sae import TrainSAEConfig
+from saetune.sae_trainer import TrainSAEConfig
 from saetune.tuning import TuneConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "saetune" / "recipes").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""saetune.train_sae: Resa's Stage I trainer end to end on the toy model organism (CPU, small shapes).
+"""saetune.sae_trainer: Resa's Stage I trainer end to end on the toy model organism (CPU, small shapes).
 
 Shapes: toy model (d_in 128), context 32, 256 tokens a step, d_sae 256, k 8.
 """
@@ -24,12 +24,12 @@ from interrupt import interrupted_run
 import torch
 from safetensors.torch import load_file, save_file
 
-import saetune.train_sae as train_mod
+import saetune.sae_trainer as train_mod
 from saetune.activations import ActivationStore, CacheConfig, cache
 from saetune.errors import SaetuneError
 from saetune.runs import read_manifest, read_metrics
 from saetune.sae import SAE, SAEConfig
-from saetune.train_sae import TrainSAEConfig, train_sae
+from saetune.sae_trainer import TrainSAEConfig, train_sae
 
 HOOK1, HOOK2 = "model.layers.1", "model.layers.2"
 CTX, BATCH, D_SAE, K = 32, 256, 256, 8

@@ -70,7 +70,7 @@ def test_sae_step_has_no_host_sync():
 @pytest.mark.parametrize("optimizer", ["adam", "signum_sf"])
 def test_training_curve_kernels_on_vs_off(optimizer, monkeypatch):
     from saetune.sae import SAE, SAEConfig
-    from saetune.train_sae import SAETrainer, TrainSAEConfig
+    from saetune.sae_trainer import SAETrainer, TrainSAEConfig
     xs = [torch.randn(2048, 128, device="cuda", generator=torch.Generator(device="cuda").manual_seed(s))
           for s in range(10)]
     curves = {}

@@ -76,7 +76,7 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     from .config import load_config
     from .evaluate import EvalConfig, run as run_eval
     from .toy.build import ToyBuildConfig, build_toy, shipped_base_path, shipped_source_path
-    from .train_sae import TrainSAEConfig, train_sae
+    from .sae_trainer import TrainSAEConfig, train_sae
     from .tuning import tune
 
     parent = Path(out) if out else default_run_dir("demo")
@@ -167,7 +167,7 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
         accuracy[label] = {"accuracy": r["pass@1"], "ci95": r.get("ci95"), "n": r["n"]}
 
     if cfg.features:
-        from .analysis.features import FeaturesConfig, features
+        from .analysis.feature_build import FeaturesConfig, features
         fcfg = FeaturesConfig(sae=str(sae_dir), model=str(source_model), max_examples=600, n_tokens=16384,
                               progress=cfg.progress)
         stage("features", lambda p, partial: features(fcfg, p, resume=partial))
