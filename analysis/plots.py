@@ -74,9 +74,36 @@ def metrics_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 
 
+def _finite(values) -> pd.Series:
+    """Numbers of a metrics column; strings, None and ±inf become NaN."""
+    return pd.to_numeric(pd.Series(values), errors="coerce").replace([np.inf, -np.inf], np.nan)
+
+
+def _yaxis_for(values: np.ndarray, log: bool) -> dict[str, Any]:
+    """y-axis settings for one metric panel: log only when every value is > 0, exponent tick
+    labels (``3e-4``, not ``300µ``), and an explicit range around a flat series — plotly pads an
+    all-equal axis by ±1, which draws a constant lr of 3e-4 as a line at 0."""
+    log = log and bool((values > 0).all())
+    axis: dict[str, Any] = {"type": "log" if log else "linear", "exponentformat": "e", "showexponent": "all"}
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):
+        if log:
+            axis["range"] = [math.log10(lo) - 0.5, math.log10(hi) + 0.5]
+        else:
+            pad = 0.2 * abs(lo) if lo != 0 else 1.0
+            axis["range"] = [lo - pad, hi + pad]
+    return axis
+
+
 def training_curves(runs: dict[str, Sequence[dict[str, Any]]], keys: Sequence[str] | None = None,
                     x: str = "step", log_y: Sequence[str] = ("loss", "fvu", "mse", "kl")):
-    """One subplot per metric, one line per run (``{run name: metrics rows}``)."""
+    """One subplot per metric, each on its own y axis; one curve per run (``{run name: metrics rows}``).
+
+    Every run gets a legend entry at its first curve, whichever panel that is (the legend group
+    toggles all of its curves). A series of one point is drawn as a marker (a one-point line draws
+    nothing: the activation cache logs ``capture_seconds`` once). Metrics without a finite value
+    against ``x`` are left out and named in the title.
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -88,41 +115,76 @@ def training_curves(runs: dict[str, Sequence[dict[str, Any]]], keys: Sequence[st
         fig = go.Figure()
         fig.update_layout(title="no metrics logged yet", height=200)
         return fig
-    cols = 2 if len(keys) > 1 else 1
-    nrows = math.ceil(len(keys) / cols)
-    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=[esc(k) for k in keys], vertical_spacing=0.12 / max(1, nrows / 3))
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    for j, k in enumerate(keys):
-        r, c = j // cols + 1, j % cols + 1
+    series: dict[str, list[tuple[int, str, pd.DataFrame]]] = {}  # metric → (run index, run, finite points)
+    for k in keys:
         for n, (name, df) in enumerate(frames.items()):
-            if k not in df or x not in df:
-                continue
-            d = df[[x, k]].dropna()
-            fig.add_trace(go.Scatter(x=d[x], y=d[k], mode="lines", name=esc(name), legendgroup=esc(name),
-                                     showlegend=j == 0, line={"color": palette[n % len(palette)]}), row=r, col=c)
-        if any(t in k for t in log_y):
-            fig.update_yaxes(type="log", row=r, col=c)
+            if k in df and x in df:
+                d = pd.DataFrame({"x": _finite(df[x]), "y": _finite(df[k])}).dropna()
+                if len(d):
+                    series.setdefault(k, []).append((n, name, d))
+    drawn = [k for k in keys if k in series]
+    left_out = [k for k in keys if k not in series]
+    note = esc(f"not drawn, no finite value against {x}: {', '.join(left_out)}") if left_out else None
+    if not drawn:
+        fig = go.Figure()
+        fig.update_layout(title=note, height=200)
+        return fig
+    cols = 2 if len(drawn) > 1 else 1
+    nrows = math.ceil(len(drawn) / cols)
+    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=[esc(k) for k in drawn],
+                        vertical_spacing=0.12 / max(1, nrows / 3))
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    in_legend: set[str] = set()
+    for j, k in enumerate(drawn):
+        r, c = j // cols + 1, j % cols + 1
+        for n, name, d in series[k]:
+            colour = palette[n % len(palette)]
+            fig.add_trace(go.Scatter(x=d["x"], y=d["y"], mode="lines" if len(d) > 1 else "markers",
+                                     name=esc(name), legendgroup=esc(name), showlegend=name not in in_legend,
+                                     line={"color": colour}, marker={"color": colour, "size": 8},
+                                     hovertemplate=esc(name) + f"<br>{esc(x)} %{{x}}<br>{esc(k)} %{{y:.4g}}"
+                                                   "<extra></extra>"), row=r, col=c)
+            in_legend.add(name)
+        values = np.concatenate([d["y"].to_numpy(dtype=float) for _, _, d in series[k]])
+        fig.update_yaxes(row=r, col=c, **_yaxis_for(values, any(t in k for t in log_y)))
         fig.update_xaxes(title_text=x, row=r, col=c)
-    fig.update_layout(height=260 * nrows + 40, margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    fig.update_layout(height=260 * nrows + 40, margin={"l": 40, "r": 10, "t": 60 if note else 40, "b": 40},
+                      title=note)
     return fig
 
 
 def reasoning_counts_figure(counts: pd.DataFrame, gmm: dict[str, list[float]] | None = None,
                             threshold: float | None = None):
-    """Reasoning features per layer (bars), with the mixture's density scaled to the counts."""
+    """Reasoning features per layer (bars, each labelled with its count), with the mixture's
+    density scaled to the counts. A layer counting 0 is also drawn as a marker on the axis: a bar
+    of height 0 is invisible, and one SAE layer with no reasoning feature drew an empty chart."""
     import plotly.graph_objects as go
 
     from .reasoning_features import gmm_density
 
     fig = go.Figure(go.Bar(x=counts["layer"], y=counts["count"], name="reasoning features",
+                           text=[str(int(n)) for n in counts["count"]], textposition="outside", cliponaxis=False,
                            hovertext=[esc(h) for h in counts["hook"]], marker_color="rgb(122,43,226)"))
+    zero = counts[counts["count"] == 0]
+    if len(zero):
+        fig.add_trace(go.Scatter(x=zero["layer"], y=zero["count"], mode="markers", name="no reasoning feature",
+                                 hovertext=[esc(h) for h in zero["hook"]], cliponaxis=False,
+                                 marker={"symbol": "diamond-open", "size": 10, "color": "rgb(122,43,226)"}))
+    top = float(counts["count"].max()) if len(counts) else 0.0
     if gmm is not None and len(counts):
         xs = np.linspace(counts["layer"].min() - 1, counts["layer"].max() + 1, 300)
-        fig.add_trace(go.Scatter(x=xs, y=gmm_density(gmm, xs) * counts["count"].sum(), mode="lines",
+        curve = gmm_density(gmm, xs) * counts["count"].sum()
+        top = max(top, float(curve.max()))
+        fig.add_trace(go.Scatter(x=xs, y=curve, mode="lines",
                                  name="3-component GMM" if len(gmm["means"]) == 3 else "GMM"))
         for m in gmm["means"]:
             fig.add_vline(x=m, line_dash="dot", annotation_text=f"{m:.1f}")
     t = "" if threshold is None else f" (threshold {threshold:g})"
+    if len(counts):  # layers are integers: one tick per layer (up to ~20 ticks), room for the bar labels
+        lo, hi = int(counts["layer"].min()), int(counts["layer"].max())
+        fig.update_xaxes(tickmode="linear", tick0=0, dtick=max(1, math.ceil((hi - lo) / 20)),
+                         range=[lo - 1, hi + 1])
+        fig.update_yaxes(range=[0, max(1.0, top * 1.15)])
     fig.update_layout(title=esc("features firing on <think> and </think> only" + t), xaxis_title="layer",
                       yaxis_title="features", height=320, margin={"l": 40, "r": 10, "t": 40, "b": 40})
     return fig
@@ -135,6 +197,7 @@ def threshold_sweep_figure(sweep: pd.DataFrame):
     fig = go.Figure()
     for (hook, layer), d in sweep.groupby(["hook", "layer"], sort=True):
         fig.add_trace(go.Scatter(x=d["threshold"], y=d["count"], mode="lines+markers", name=esc(f"L{layer} {hook}")))
+    fig.update_yaxes(rangemode="tozero")  # all-zero counts: [0, 1], not plotly's [-1, 1]
     fig.update_layout(title="effect of the threshold", xaxis_title="threshold", yaxis_title="reasoning features",
                       height=280, margin={"l": 40, "r": 10, "t": 40, "b": 40})
     return fig

@@ -188,7 +188,11 @@ def rpr_table(rec: dict[str, Any]) -> pd.DataFrame:
 
 
 def entropy_heatmap(rec: dict[str, Any], width: int = 32):
-    """Per-token entropy of one trace as a heatmap (rows of ``width`` tokens), CURE positions marked."""
+    """Per-token entropy of one trace as a heatmap (rows of ``width`` tokens), CURE positions marked.
+
+    The colour bar sits right of the plot within the rows' height and the legend above the plot:
+    plotly puts a horizontal legend at y = −0.1 by default, over the x tick labels. Rows and
+    columns get integer ticks (autoticks on a 1-row axis are −0.5, 0, 0.5)."""
     import plotly.graph_objects as go
 
     toks = trace_tokens(rec)
@@ -201,7 +205,10 @@ def entropy_heatmap(rec: dict[str, Any], width: int = 32):
         z[i // width, i % width] = e
         text[i // width, i % width] = esc(f"#{i} {toks[i] if i < len(toks) else ''!r}")
     fig = go.Figure(go.Heatmap(z=z, text=text, hovertemplate="%{text}<br>entropy %{z:.3f}<extra></extra>",
-                               colorscale="Reds", colorbar={"title": "nats"}))
+                               colorscale="Reds",
+                               colorbar={"title": {"text": "nats", "side": "right"}, "x": 1.02, "xanchor": "left",
+                                         "y": 0.5, "yanchor": "middle", "len": 1.0, "lenmode": "fraction",
+                                         "thickness": 14}))
     cands = [p for p in (rec.get("critical_candidates") or []) if 0 <= p < n]
     if cands:
         fig.add_trace(go.Scatter(x=[p % width for p in cands], y=[p // width for p in cands], mode="markers",
@@ -212,10 +219,12 @@ def entropy_heatmap(rec: dict[str, Any], width: int = 32):
         fig.add_trace(go.Scatter(x=[crit % width], y=[crit // width], mode="markers",
                                  marker={"symbol": "x", "size": 13, "color": "black"}, name="critical token",
                                  hoverinfo="skip"))
-    fig.update_yaxes(autorange="reversed", title="row")
-    fig.update_xaxes(title=f"token (rows of {width})")
-    fig.update_layout(height=max(220, 40 + 22 * rows), margin={"l": 40, "r": 10, "t": 30, "b": 40},
-                      title="token entropy", legend={"orientation": "h"})
+    fig.update_yaxes(autorange="reversed", title="row", tickmode="linear", tick0=0,
+                     dtick=max(1, math.ceil(rows / 10)))
+    fig.update_xaxes(title=f"token (rows of {width})", tickmode="linear", tick0=0, dtick=max(1, math.ceil(width / 8)))
+    fig.update_layout(height=max(220, 60 + 22 * rows), margin={"l": 40, "r": 10, "t": 50, "b": 40},
+                      title="token entropy",
+                      legend={"orientation": "h", "x": 1.0, "xanchor": "right", "y": 1.02, "yanchor": "bottom"})
     return fig
 
 

@@ -58,9 +58,13 @@ def guard(what: str) -> Iterator[None]:
         yield
     except SaetuneError as e:
         st.error(f"{what}: {e}")
-    except Exception as e:  # a half-written artifact: say so, keep the page alive
+    except (OSError, ValueError, KeyError, EOFError) as e:  # a half-written artifact (JSON, safetensors): say so
         st.error(f"{what} could not be read ({type(e).__name__}: {e}). If a stage is still writing "
                  "this run dir, reload when it has finished.")
+    except Exception as e:  # anything else is not the run dir's fault: no hint about half-written files
+        st.error(f"{what} failed ({type(e).__name__}: {e}): an error in saetune or its environment, not in "
+                 "the run dir; the traceback follows.")
+        st.exception(e)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

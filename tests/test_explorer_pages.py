@@ -75,7 +75,8 @@ def test_features_page(run, monkeypatch):
     assert at.subheader[0].value == f"feature {nb}" and at.number_input(key="fid").value == int(nb)
     # search by token: every hit's card shows that token among the contexts
     at.radio(key="mode").set_value("token").run()
-    assert at.subheader == [] or not at.exception
+    assert not at.exception and at.subheader == []  # no query yet: no card, a prompt to search instead
+    assert any("Search for a feature" in i.value for i in at.info)
     at.text_input(key="query").set_value("=").run()
     hits = at.selectbox(key="hit").options
     assert hits and at.subheader[0].value == f"feature {hits[0]}"
@@ -132,6 +133,7 @@ def test_runs_page(run, monkeypatch):
     assert set(at.multiselect[1].options) == {"reward_mean", "entropy_mean", "kl", "fvu"}
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert {t["name"] for t in fig["data"]} == {"rl-source", "tune"}
+    assert sorted(t["name"] for t in fig["data"] if t.get("showlegend", True)) == ["rl-source", "tune"]
     at.radio(key="x").set_value("tokens").run()
     assert not at.exception
     assert list(at.dataframe[1].value.columns) == ["rl-source", "tune"]
