@@ -4,10 +4,12 @@ Public ops (the path — Triton on CUDA, torch elsewhere, ``SAETUNE_KERNELS`` to
 per call by ``dispatch``): ``topk_autoencode`` (the whole TopK SAE in one autograd node), ``topk_encode``, ``sparse_decode``, ``topk_select``,
 ``batch_topk``, ``sae_update``, ``linear_entropy_logprob``.
 
-Modules: ``topk_sae`` (torch reference of the sparse TopK ops), ``triton_topk`` (radix top-k,
-AuxK, BatchTopK threshold), ``triton_sparse`` (gather decoder, latent-major backward),
-``triton_optim`` (fused Adam / signum-schedule-free + decoder upkeep), ``entropy`` (fused linear
-entropy/log-prob), ``dispatch``. Triton is imported only when a Triton path runs.
+Modules: ``topk_sae`` (torch references of the SAE ops), ``entropy`` (fused linear entropy/log-prob:
+autograd and torch path), ``launch`` (what dispatch, references and kernels share), ``dispatch``;
+the Triton halves ``triton_topk`` (radix top-k, AuxK, BatchTopK threshold), ``triton_sparse``
+(gather decoder, latent-major backward), ``triton_optim`` (fused Adam / signum-schedule-free +
+decoder upkeep), ``triton_entropy``. Only dispatch imports a ``triton_*`` module, and only when a
+Triton path runs: everything works where ``import triton`` fails.
 """
 
 if __name__ != "saetune.kernels":  # found as a top-level `kernels` from a checkout root: see saetune/_checkout.py
@@ -15,12 +17,8 @@ if __name__ != "saetune.kernels":  # found as a top-level `kernels` from a check
 
     hand_over(__name__, __file__)
 else:
-    from saetune._lazy import lazy_exports
-
     from .dispatch import batch_topk, sae_update, sparse_decode, topk_autoencode, topk_encode, topk_select, use_triton
-
-    # linear_entropy_logprob imports triton (when present): only on first use
-    __getattr__, __dir__ = lazy_exports(__name__, globals(), {"linear_entropy_logprob": "saetune.kernels.entropy"})
+    from .entropy import linear_entropy_logprob
 
     __all__ = ["batch_topk", "linear_entropy_logprob", "sae_update", "sparse_decode", "topk_autoencode", "topk_encode",
                "topk_select", "use_triton"]

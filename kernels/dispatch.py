@@ -9,33 +9,49 @@
 
 The CPU default stays torch even under ``TRITON_INTERPRET=1`` (the interpreter is orders of
 magnitude slower); tests force the Triton path with ``SAETUNE_KERNELS=triton``.
+
+This is the one place that picks a path. The ``triton_*`` modules (which import triton at module
+level) are imported only inside a Triton branch; the torch references (``topk_sae``, the torch
+half of ``entropy``) and ``launch`` never import triton, so every op works where triton is not
+installed (macOS, Windows, ARM Linux). CUDA tensors without triton take the torch path with a
+one-time warning; ``SAETUNE_KERNELS=triton`` without it is a ``SaetuneError``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
 from saetune.errors import SaetuneError
 
+from .launch import empty, interpreting, next_pow2  # noqa: F401  (empty, next_pow2: the names kernels used)
+
 BACKENDS = ("auto", "torch", "triton")
 
 
 @functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
+def _triton_import_error() -> str | None:
+    """Why ``import triton`` fails here (None when it works); the import is tried once."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as e:  # a missing package, or one that fails at import (no usable compiler, …)
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def triton_available() -> bool:
+    return _triton_import_error() is None
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_cuda_without_triton() -> None:
+    warnings.warn(f"CUDA tensors but triton cannot be imported ({_triton_import_error()}): the saetune kernels "
+                  "run their plain-torch path (same results, slower). Install triton, or set SAETUNE_KERNELS=torch "
+                  "to silence this.", RuntimeWarning, stacklevel=3)
 
 
 def requested() -> str:
@@ -53,30 +69,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if want == "auto":
-        return on_cuda and triton_available()
+        if on_cuda and not triton_available():
+            _warn_cuda_without_triton()  # once a process
+            return False
+        return on_cuda
     if not triton_available():
-        raise SaetuneError("SAETUNE_KERNELS=triton but triton cannot be imported; install triton or unset "
-                           "SAETUNE_KERNELS")
+        raise SaetuneError(f"SAETUNE_KERNELS=triton but the triton package cannot be imported "
+                           f"({_triton_import_error()}); install triton (Linux x86_64 only) or unset SAETUNE_KERNELS")
     if not on_cuda and not interpreting():
         raise SaetuneError("SAETUNE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1, set before triton is "
                            "first imported (the kernels then run in Triton's interpreter, slowly)")
     return True
-
-
-def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An output buffer a kernel must fill completely.
-
-    With ``SAETUNE_POISON=1`` (tests) it is filled with NaN (floats) or -7 (ints) instead of left
-    uninitialised, so an element a kernel forgets to write makes a comparison fail.
-    """
-    if os.environ.get("SAETUNE_POISON", "0") not in ("", "0"):
-        fill = float("nan") if dtype.is_floating_point else -7
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # ---- the public ops: one signature, the path chosen per call -----------------------------------
@@ -115,7 +118,7 @@ def topk_select(pre: torch.Tensor, k: int, aux_mask: torch.Tensor | None = None,
     if use_triton(pre):
         from .triton_topk import topk_select_triton
         return topk_select_triton(pre, k, aux_mask, k_aux)
-    from .triton_topk import topk_select_torch
+    from .topk_sae import topk_select_torch
     return topk_select_torch(pre, k, aux_mask, k_aux)
 
 
@@ -137,8 +140,5 @@ def sae_update(opt, sae, renorm: bool) -> None:
         from .triton_optim import sae_update_triton
         sae_update_triton(opt, sae, renorm)
         return
-    if renorm:
-        sae.remove_gradient_parallel_to_decoder_directions()
-    opt.step()
-    if renorm:
-        sae.set_decoder_norm_to_unit_norm()
+    from .topk_sae import sae_update_torch
+    sae_update_torch(opt, sae, renorm)

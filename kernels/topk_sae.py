@@ -223,6 +223,39 @@ def sparse_decode(v: Tensor, i: Tensor, W_dec: Tensor) -> Tensor:
     return SparseDecode.apply(v, i, W_dec)
 
 
+# ---- torch twins of the Triton selection and optimiser ops (dispatch's torch path) --------------
+
+def topk_select_torch(pre: Tensor, k: int, aux_mask: Tensor | None = None, k_aux: int = 0
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(v, i, v_aux, i_aux) as ``triton_topk.topk_select_triton``, with ``torch.topk`` (ties in any
+    order; rows unsorted). ``pre`` (B, n); v, i (B, k); v_aux, i_aux (B, min(k_aux, n)), 0 where
+    fewer latents are dead."""
+    v, i = pre.topk(k, dim=-1, sorted=False)
+    v = v.relu()
+    if aux_mask is not None and k_aux > 0:
+        masked = pre.masked_fill(~aux_mask, float("-inf"))
+        va, ia = masked.topk(min(k_aux, pre.shape[1]), dim=-1, sorted=False)
+        va = torch.where(torch.isfinite(va), va.relu(), torch.zeros_like(va))
+    else:
+        va, ia = v.new_zeros(v.shape[0], 0), i.new_zeros(i.shape[0], 0)
+    return v, i, va, ia
+
+
+def batch_topk_threshold_torch(pre: Tensor, keep: int) -> Tensor:
+    """θ = the ``keep``-th largest ReLU(pre) over the whole tensor (``triton_topk.batch_topk_threshold_triton``)."""
+    return pre.detach().float().relu().reshape(-1).topk(keep, sorted=False).values.min()
+
+
+def sae_update_torch(opt, sae, renorm: bool) -> None:
+    """Parallel-gradient removal, ``opt.step()``, unit-norm decoder rows: three sweeps over W_dec
+    (the reference of ``triton_optim.sae_update_triton``)."""
+    if renorm:
+        sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    if renorm:
+        sae.set_decoder_norm_to_unit_norm()
+
+
 # ---- dense references (the definition the sparse ops must equal) ----------------------------
 
 def topk_encode_dense(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> Tensor:

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import next_pow2
+from .launch import next_pow2
+from .topk_sae import sae_update_torch
 
 BLOCK = 1024
 
@@ -115,15 +116,6 @@ def _decoder_row_kernel(p_ptr, g_ptr, s1_ptr, s2_ptr, step_ptr, D, lr, beta1, be
 
 
 # ---- host side ---------------------------------------------------------------------------------
-
-def sae_update_torch(opt, sae, renorm: bool) -> None:
-    """Reference: parallel-gradient removal, ``opt.step()``, unit-norm decoder rows (what the trainer did)."""
-    if renorm:
-        sae.remove_gradient_parallel_to_decoder_directions()
-    opt.step()
-    if renorm:
-        sae.set_decoder_norm_to_unit_norm()
-
 
 def _plain_adam(opt) -> bool:
     if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:

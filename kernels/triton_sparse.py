@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import empty, next_pow2
+from .launch import empty, next_pow2
 from .triton_topk import topk_select_triton
 
 

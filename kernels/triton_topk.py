@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import empty, next_pow2
+from .launch import empty, next_pow2
+from .topk_sae import batch_topk_threshold_torch
 
 RADIX_BITS = 8  # digits of 8 bits: 4 passes over the row, a 256-bin histogram each (untuned on a GPU)
 
@@ -128,20 +129,6 @@ def topk_select_triton(pre: Tensor, k: int, aux_mask: Tensor | None = None, k_au
     return v, i, va, ia
 
 
-def topk_select_torch(pre: Tensor, k: int, aux_mask: Tensor | None = None, k_aux: int = 0
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Reference of :func:`topk_select_triton` with ``torch.topk`` (ties in any order; rows unsorted)."""
-    v, i = pre.topk(k, dim=-1, sorted=False)
-    v = v.relu()
-    if aux_mask is not None and k_aux > 0:
-        masked = pre.masked_fill(~aux_mask, float("-inf"))
-        va, ia = masked.topk(min(k_aux, pre.shape[1]), dim=-1, sorted=False)
-        va = torch.where(torch.isfinite(va), va.relu(), torch.zeros_like(va))
-    else:
-        va, ia = v.new_zeros(v.shape[0], 0), i.new_zeros(i.shape[0], 0)
-    return v, i, va, ia
-
-
 # ---- BatchTopK: one global threshold ---------------------------------------------------------
 
 @triton.jit
@@ -188,11 +175,6 @@ def batch_topk_threshold_triton(pre: Tensor, keep: int) -> Tensor:
         n_gt = n_gt + torch.where(digits > d, h, 0).sum()
         prefix = prefix + (d << shift)
     return _key_to_float(prefix)
-
-
-def batch_topk_threshold_torch(pre: Tensor, keep: int) -> Tensor:
-    """Reference of :func:`batch_topk_threshold_triton`."""
-    return pre.detach().float().relu().reshape(-1).topk(keep, sorted=False).values.min()
 
 
 def batch_topk(pre: Tensor, k: int, use_triton: bool = False) -> Tensor:

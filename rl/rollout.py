@@ -14,8 +14,9 @@
   up to ``max_tool_calls`` calls per response.
 - Log-probs and entropies are then computed in one teacher-forced pass over prompt + response
   (:func:`score`), at ``temperature``, from the final hidden states through the fused
-  ``saetune.kernels.linear_entropy_logprob`` when it is importable (logits are never
-  materialised), else from explicit logits with ``saetune.rl.entropy.token_entropy``.
+  ``saetune.kernels.linear_entropy_logprob`` (logits are never materialised; Triton on CUDA,
+  its torch path elsewhere), or from explicit logits with ``saetune.rl.entropy.token_entropy``
+  when the model has no plain Linear LM head.
 
 Random draws come from ``torch.manual_seed(seed)`` inside a forked RNG, so the caller's random
 state is untouched and the same seed gives the same samples (same hardware, same threads).
@@ -121,19 +122,15 @@ class _StopStrings:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-_FUSED = None
-
-
 def fused_kernel():
-    """``saetune.kernels.linear_entropy_logprob`` when importable, else None (explicit logits then)."""
-    global _FUSED
-    if _FUSED is None:
-        try:
-            from saetune.kernels import linear_entropy_logprob
-            _FUSED = linear_entropy_logprob
-        except (ImportError, AttributeError):
-            _FUSED = False
-    return _FUSED or None
+    """``saetune.kernels.linear_entropy_logprob``, the fused entropy/log-prob of :func:`score`.
+
+    It imports without triton (its torch path then runs; where CUDA tensors meet a missing triton,
+    ``saetune.kernels.dispatch`` says so once), so there is nothing to fall back from here: an
+    import error is a broken install or checkout, and propagates.
+    """
+    from saetune.kernels import linear_entropy_logprob
+    return linear_entropy_logprob
 
 
 def _backbone_and_head(model):
@@ -158,7 +155,7 @@ def score(model, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
             tokens); position t's values come from the logits at t − 1.
         temperature: the sampling temperature (z = logits / temperature).
         use_kernel: True forces the fused kernel, False explicit logits, None picks the kernel
-            when importable and the model exposes a Linear LM head.
+            when the model exposes a Linear LM head.
 
     Returns:
         ``(logprobs, entropies)`` float32 [B, T], 0 where ``target_mask`` is False. Differentiable
@@ -177,11 +174,12 @@ def score(model, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
     ent_full = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     if targets.numel() == 0:
         return lp_full, ent_full
-    kernel = fused_kernel()
     parts = _backbone_and_head(model) if use_kernel is not False else None
-    if use_kernel and (kernel is None or parts is None):
-        raise SaetuneError("use_kernel=True but the fused entropy kernel or the model's Linear LM head is missing")
-    if kernel is not None and parts is not None:
+    if use_kernel and parts is None:
+        raise SaetuneError(f"use_kernel=True but {type(model).__name__} has no Linear LM head after a decoder "
+                           "backbone (or it soft-caps its logits); pass use_kernel=None or False")
+    if parts is not None:
+        kernel = fused_kernel()
         backbone, head = parts
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
         h = hidden[:, :-1][sel]  # (N, D)

@@ -20,7 +20,7 @@ import json, os, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from saetune.kernels import entropy as E, triton_optim as O, triton_sparse as S, triton_topk as T
+from saetune.kernels import triton_entropy as E, triton_optim as O, triton_sparse as S, triton_topk as T
 
 STOP_AFTER_TTGIR = os.environ.get("SAETUNE_COMPILE_FULL", "0") in ("", "0")
 P32, PI64, PU8 = "*fp32", "*i64", "*u8"

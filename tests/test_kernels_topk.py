@@ -60,7 +60,7 @@ def test_ties_pick_lowest_indices():
 @given(B=st.integers(1, 4), n=st.integers(3, 50), seed=st.integers(0, 2**31), ties=st.booleans(), data=st.data())
 def test_auxk_selection_among_dead_latents(B, n, seed, ties, data):
     from saetune.kernels import topk_select
-    from saetune.kernels.triton_topk import topk_select_torch
+    from saetune.kernels.topk_sae import topk_select_torch
     k = data.draw(st.integers(1, n - 1))
     k_aux = data.draw(st.integers(1, n))
     dead = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1)).lt(0.5).to(DEV)
@@ -88,7 +88,8 @@ def test_bf16_pre_activations():
 @given(B=st.integers(1, 6), n=st.integers(2, 40), seed=st.integers(0, 2**31), ties=st.booleans(), data=st.data())
 def test_batch_topk_threshold(B, n, seed, ties, data):
     from saetune.kernels import batch_topk
-    from saetune.kernels.triton_topk import batch_topk_threshold_torch, batch_topk_threshold_triton
+    from saetune.kernels.topk_sae import batch_topk_threshold_torch
+    from saetune.kernels.triton_topk import batch_topk_threshold_triton
     k = data.draw(st.integers(1, n - 1))
     pre = _pre(B, n, seed, ties)
     keep = k * B

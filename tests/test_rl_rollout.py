@@ -1,6 +1,6 @@
 """Rollouts (saetune.rl.rollout) and the calculator tool (saetune.rl.tools)."""
 
-import time
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -46,14 +46,36 @@ def test_calculator_rejects_non_arithmetic_and_runaway_input(expr, why):
         safe_eval(expr)
 
 
-def test_calculator_bounds_hold_within_milliseconds():
+def test_calculator_bounds_stop_the_work_before_it_is_done(monkeypatch):
+    """The bounds are checked before the costly step: over-long source is never parsed, no operator
+    ever runs on a number past the digit limit, ``**`` never runs with a large exponent."""
+    from saetune.rl import tools as T
+    parsed, ops = [], []
+    real_parse = T.ast.parse
+
+    def counting_parse(src, *args, **kw):
+        parsed.append(len(src))
+        return real_parse(src, *args, **kw)
+
+    def counted(name, f):
+        def op(*args):  # checked before the operation runs: a missing bound fails here instead of hanging
+            ops.append(name)
+            assert all(T._digits(a) <= 60 for a in args), (name, args)  # 60: the default max_digits
+            assert name != "Pow" or abs(args[1]) <= 64, args  # 64: the default max_exponent
+            return f(*args)
+        return op
+    monkeypatch.setattr(T.ast, "parse", counting_parse)
+    monkeypatch.setattr(T, "_BINOPS", {k: counted(k.__name__, f) for k, f in T._BINOPS.items()})
+    monkeypatch.setattr(T, "_UNARY", {k: counted(k.__name__, f) for k, f in T._UNARY.items()})
     hostile = ["9 ** 9 ** 9 ** 9", "1" * 100_000, "(" * 5000 + "1" + ")" * 5000, "+".join(["9 ** 60"] * 50),
                "-" * 150 + "1", "((((((((((((((((((((1))))))))))))))))))))" * 3]
     for expr in hostile:
-        t0 = time.perf_counter()
+        parsed.clear()
+        ops.clear()
         with pytest.raises(CalculatorError):
             safe_eval(expr)
-        assert time.perf_counter() - t0 < 0.05, expr[:40]
+        assert parsed == ([] if len(expr) > 200 else [len(expr)]), expr[:40]  # 200: the default max_chars
+        assert len(ops) <= 64, (expr[:40], len(ops))  # at most one operation per allowed syntax node
 
 
 def test_calculator_tool_finds_calls_and_answers():
@@ -133,10 +155,18 @@ def test_stop_strings_cut_the_response(toy):
         assert t.endswith("therefore") and t.count("therefore") == 1
 
 
+def test_fused_kernel_is_found_and_a_broken_import_is_not_hidden(monkeypatch):
+    from saetune.kernels.entropy import linear_entropy_logprob
+    assert R.fused_kernel() is linear_entropy_logprob
+    import saetune.kernels as K
+    monkeypatch.delattr(K, "linear_entropy_logprob")  # a kernels package whose export went missing
+    monkeypatch.setitem(sys.modules, "saetune.kernels.entropy", None)  # and a kernel module that cannot import
+    with pytest.raises(ImportError, match="linear_entropy_logprob"):
+        R.fused_kernel()
+
+
 def test_fused_and_explicit_entropy_agree(toy):
     model, tok, _, ids = toy
-    if R.fused_kernel() is None:
-        pytest.skip("saetune.kernels.linear_entropy_logprob is not in this checkout")
     rows = [ids[0] + ids[1], ids[2]]
     x, attn = R.right_pad(rows, tok.pad_token_id)
     tm = attn.bool().clone()
