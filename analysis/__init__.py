@@ -8,7 +8,7 @@ explorer (``saetune explore``) and a notebook show the same thing::
     fd = sa.FeatureData.open("runs/demo-…")        # feature data written by `saetune features`
     fd.table(); fd.examples(12); sa.activation_histogram(*fd.histogram(12))
 
-Modules: ``rundirs`` (discovery, manifests, configs), ``features`` (``saetune features``: build
+Modules: ``rundirs`` (discovery, manifests, configs), ``feature_build`` (``saetune features``: build
 the feature data), ``feature_data`` (its lazy reader), ``html`` (token highlights, every string
 escaped), ``plots`` (figures), ``traces`` (entropy, CURE, RPR views of ``traces/*.jsonl``),
 ``reasoning_features`` (think-token features per layer, Gaussian mixture), ``compare``
