@@ -418,6 +418,7 @@ def training_data(cfg: FeaturesConfig, sae_run: Path | None) -> FeaturesConfig:
     fields and context size; a toy SAE's traces get this config's own ``data_seed``), else 'toy'."""
     import dataclasses
 
+    from saetune.runs import resolve_recorded
     from .rundirs import read_config
     if cfg.dataset:
         return cfg
@@ -426,6 +427,7 @@ def training_data(cfg: FeaturesConfig, sae_run: Path | None) -> FeaturesConfig:
             "context_size")
     found = {k: saved[k] for k in keep if saved.get(k) not in (None, "")}
     found.setdefault("dataset", "toy")
+    found["dataset"] = resolve_recorded(found["dataset"], sae_run) if sae_run is not None else found["dataset"]
     return dataclasses.replace(cfg, **found)
 
 
@@ -436,7 +438,7 @@ def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = 
     from saetune.data import load_chunks
     from saetune.io import atomic_write_json
     from saetune.models import load_model
-    from saetune.runs import RunDir
+    from saetune.runs import RunDir, record_path
     from saetune.sae import SAE
     from .reasoning_features import reasoning_feature_records
 
@@ -446,7 +448,8 @@ def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = 
     model_name = cfg.model or recorded_model(sae_dirs, sae_run)
     data_cfg = training_data(cfg, sae_run)
     device = resolve_device(cfg.device)
-    run = RunDir.open(out, "features", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device)
+    run = RunDir.open(out, "features", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
+                      inputs=(model_name, *sae_dirs.values()))
     try:
         with run.phase("load"):
             model, tok = load_model(model_name, dtype=cfg.model_dtype, device=device)
@@ -460,8 +463,10 @@ def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = 
         for h, sae in saes.items():
             with run.phase(f"features:{h}"):
                 _log(cfg, f"{h}: {chunks.numel():,} tokens, {sae.cfg.d_sae} features")
-                meta = build_hook_features(cfg, model, tok, sae, h, chunks, run.path / "features" / h,
-                                           sources={"model": model_name, "sae": str(sae_dirs[h]),
+                where = run.path / "features" / h
+                meta = build_hook_features(cfg, model, tok, sae, h, chunks, where,
+                                           sources={"model": record_path(model_name, where, scope=run.path.parent),
+                                                    "sae": record_path(sae_dirs[h], where, scope=run.path.parent),
                                                     "dataset": data_cfg.dataset, "data_seed": data_cfg.data_seed,
                                                     "template": data_cfg.template})
             summary[h] = {k: meta[k] for k in ("d_sae", "n_tokens", "n_included_tokens", "dead_features", "seconds")}

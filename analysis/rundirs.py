@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from saetune.errors import SaetuneError
+from saetune.runs import resolve_recorded
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -198,25 +199,10 @@ def configs_side_by_side(runs: list[RunInfo]) -> pd.DataFrame:
 
 
 def resolve_recorded_path(recorded: str | None, run: str | Path) -> Path | None:
-    """A path a run recorded (relative to the cwd it ran in) found again from here.
-
-    Tries it as given, then relative to the run dir and its ancestors by matching the
-    recorded path's trailing components (``runs/demo-x/toy-base/model`` → ``<parent>/toy-base/model``),
-    so a pipeline dir that was moved or copied still finds its own inputs.
-    """
-    if not recorded:
-        return None
-    p = Path(recorded).expanduser()
-    if p.exists():
-        return p
-    parts = p.parts
-    base = Path(run).resolve()
-    for anc in [base, *base.parents][:4]:
-        for n in range(1, min(len(parts), 4) + 1):
-            cand = anc.joinpath(*parts[-n:])
-            if cand.exists():
-                return cand
-    return None
+    """A path recorded in ``run`` found again from here (:func:`saetune.runs.resolve_recorded`: relative to the
+    run dir, or, in older runs, to the cwd they ran in, which a moved pipeline dir still finds); None if nowhere."""
+    found = resolve_recorded(recorded, run)
+    return Path(found) if found and Path(found).exists() else None
 
 
 def find_saes(path: str | Path, hooks: list[str] | None = None) -> tuple[dict[str, Path], Path | None]:
@@ -251,8 +237,10 @@ def find_saes(path: str | Path, hooks: list[str] | None = None) -> tuple[dict[st
 def recorded_model(sae_dirs: dict[str, Path], run: Path | None) -> str:
     """The model an SAE was trained on, found from its run's config or its cfg.json metadata."""
     candidates = []
-    if run is not None:
-        candidates.append(((read_config(run) or {}).get("model"), run))
+    if run is not None:  # the manifest's input is the model actually used (config.yaml's may be a default)
+        man = read_json(run / MANIFEST)
+        used = ((man.get("inputs") or {}).get("model") or {}).get("path") if isinstance(man, dict) else None
+        candidates += [(used, run), ((read_config(run) or {}).get("model"), run)]
     for d in sae_dirs.values():
         cfg = read_json(d / "cfg.json")
         meta = (cfg.get("metadata") or {}) if isinstance(cfg, dict) else {}

@@ -11,12 +11,17 @@ Shards hold a fixed number of packed sequences, so a killed ``cache`` run resume
 missing shard and the finished store equals one written without interruption. Reads check
 each shard's checksum once and shuffle across a window of shards, reproducibly from a seed and
 a batch position (what a resumed SAE trainer needs).
+
+Fault injection, for tests only: ``SAETUNE_FAULT_AFTER_SHARDS=n`` makes a ``cache`` run SIGKILL itself as
+soon as the manifest lists n shards, as an OOM-killed or preempted job dies.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import shutil
@@ -32,6 +37,7 @@ from .data import DataConfig, load_chunks
 from .errors import SaetuneError
 from .io import atomic_save_safetensors, atomic_write_json, checksum_file
 from .models import HookPoint, load_model, parse_dtype, resolve_hook, run_to_hooks
+from .runs import record_path, resolve_recorded
 
 FORMAT = "saetune.activations"
 TOKEN_KEY = "token_ids"
@@ -95,6 +101,12 @@ class ActivationStore:
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
+
+    @property
+    def model(self) -> str | None:
+        """The model the store was made from, usable from any directory (recorded relative to the store when
+        it sits in the same pipeline dir, so a moved pipeline dir keeps working)."""
+        return resolve_recorded(self.manifest.get("model"), self.path)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -225,6 +237,17 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ready=None) -> st
     return checksum_file(path)
 
 
+def fault_after_shards() -> int | None:
+    """Fault injection, for tests only: the shard count (``SAETUNE_FAULT_AFTER_SHARDS``) at which a cache run
+    SIGKILLs itself once its manifest lists that many shards; None, the normal case, when unset."""
+    raw = os.environ.get("SAETUNE_FAULT_AFTER_SHARDS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise SaetuneError(f"SAETUNE_FAULT_AFTER_SHARDS={raw!r} is not a shard count (a test-only fault injection)")
+    return int(raw)
+
+
 def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], store_dir: Path, *,
                 model_name: str, dtype: torch.dtype, batch_size: int, seqs_per_shard: int,
                 progress: bool = True, extra: dict | None = None, writers: int = 2) -> "ActivationStore":
@@ -267,6 +290,7 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
     bar = tqdm(total=n_seqs * T, initial=done * seqs_per_shard * T, unit="tok", unit_scale=True,
                desc="cache", disable=not progress)
     pending: deque = deque()
+    die_after = fault_after_shards()
 
     def commit_oldest() -> None:
         entry, fut = pending.popleft()
@@ -274,6 +298,8 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
         manifest["shards"].append(entry)
         manifest["n_tokens"] = sum(x["n_tokens"] for x in manifest["shards"])
         atomic_write_json(mf, manifest)
+        if len(manifest["shards"]) == die_after:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     with ThreadPoolExecutor(max_workers=writers) as pool:
         try:
@@ -335,7 +361,8 @@ def cache(cfg: CacheConfig, out: str | Path | None = None, resume: bool = False,
         run.add_input("model", cfg.model if cfg.model != "toy" else str(Path(tok.name_or_path)))
         t0 = time.perf_counter()
         with run.phase("capture"):
-            store = write_store(model, tok, chunks, hooks, run.path / "activations", model_name=cfg.model,
+            store = write_store(model, tok, chunks, hooks, run.path / "activations",
+                                model_name=record_path(cfg.model, run.path / "activations", scope=run.path.parent),
                                 dtype=parse_dtype(cfg.dtype), batch_size=cfg.batch_size,
                                 seqs_per_shard=cfg.seqs_per_shard, progress=cfg.progress,
                                 extra={"data": {k: getattr(cfg, k) for k in DataConfig.__dataclass_fields__}})

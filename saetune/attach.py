@@ -27,7 +27,7 @@ from torch import nn
 from .config import opt
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_write_text, sha256_dir
-from .runs import RunDir
+from .runs import RunDir, record_path, resolve_recorded
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -108,13 +108,25 @@ def _tune_provenance(adapter_dir: Path) -> dict[str, Any]:
     res = m.get("results") or {}
     sae = (m.get("inputs") or {}).get("sae") or {}
     recipe = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else None
-    return {"sae": sae.get("path"), "sae_sha256": sae.get("sha256"), "hook": res.get("hook"), "loss": res.get("loss"),
-            "tune_run": str(run), "recipe": recipe}
+    return {"sae": resolve_recorded(sae.get("path"), run), "sae_sha256": sae.get("sha256"), "hook": res.get("hook"),
+            "loss": res.get("loss"), "tune_run": str(run.resolve()), "recipe": recipe}
+
+
+CARD_PATHS = ("base_model", "adapter_trained_on", "sae", "tune_run")
+
+
+def recorded_card(card: dict[str, Any], where: Path, scope: Path) -> dict[str, Any]:
+    """The model card's paths as a file in ``where`` records them (:func:`saetune.runs.record_path`)."""
+    return {k: record_path(v, where, scope) if k in CARD_PATHS and isinstance(v, str) else v for k, v in card.items()}
 
 
 def merge_adapter(model_name: str, adapter_dir: Path, dest: Path, dtype: str = "float32",
                   info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load ``model_name``, check and load the adapter, merge it, save an HF model dir at ``dest`` (atomic)."""
+    """Load ``model_name``, check and load the adapter, merge it, save an HF model dir at ``dest`` (atomic).
+
+    ``dest`` is a run dir's ``merged/``: the card's paths are recorded relative to ``dest`` in its README.md
+    and, in the card returned (for the manifest), relative to the run dir (:func:`recorded_card`).
+    """
     from peft import PeftModel
     from .models import load_model
     model, tok = load_model(model_name, dtype=dtype, device="cpu")
@@ -127,9 +139,9 @@ def merge_adapter(model_name: str, adapter_dir: Path, dest: Path, dtype: str = "
     tok.save_pretrained(str(tmp))
     card = dict(info or {})
     card.update(base_model=model_name, adapter_sha256=sha256_dir(adapter_dir))
-    atomic_write_text(tmp / "README.md", model_card(card))
+    atomic_write_text(tmp / "README.md", model_card(recorded_card(card, dest, dest.parent.parent)))
     atomic_replace_dir(tmp, dest)
-    return card
+    return recorded_card(card, dest.parent, dest.parent.parent)
 
 
 @dataclass
@@ -157,7 +169,8 @@ class AttachConfig:
     sae: str = opt("", "instead of an adapter: an SAE (dir or train-sae run dir) hooked in while generating")
     sae_hook: str = opt("", "which SAE of a multi-hook dir, and where it hooks (default: its own hook name)")
     prompts: list[str] = opt(None, "prompts to generate from with the SAE attached", factory=list)
-    max_new_tokens: int = opt(64, "tokens to generate per prompt")
+    max_new_tokens: int = opt(64, "tokens to generate per prompt (capped, with a warning, where prompt + response "
+                                  "would pass the model's context; a prompt that fills the context is refused)")
     mode: Literal["record", "replace", "steer"] = opt("record", "SAE mode: record features only, replace the "
                                                                 "activation by the reconstruction, or steer")
     steer: list[str] = opt(None, "steering as FEATURE=VALUE (clamp the feature's activation to VALUE)",
@@ -173,11 +186,20 @@ class AttachConfig:
 
 def merge(cfg: MergeConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Merge ``cfg.adapter`` into its model; the run dir gets ``merged/`` with a model card."""
+    from .models import resolve_model_path
     adapter_dir = resolve_adapter(cfg.adapter)
-    base = cfg.model or json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    base = cfg.model or resolve_recorded(recorded, adapter_dir)
     if not base:
         raise SaetuneError(f"the adapter in {str(adapter_dir)!r} names no base model; pass model")
-    run = RunDir.open(out, "merge", cfg, resume=resume, overwrite=overwrite)
+    try:
+        resolve_model_path(base)  # before the run dir is made
+    except SaetuneError as e:
+        if cfg.model:
+            raise
+        raise SaetuneError(f"the adapter in {str(adapter_dir)!r} was trained on {recorded!r}, which cannot be "
+                           f"loaded: {e}; pass model (the base model's dir)") from None
+    run = RunDir.open(out, "merge", cfg, resume=resume, overwrite=overwrite, inputs=(base,))
     try:
         run.add_input("adapter", adapter_dir)
         with run.phase("merge"):
@@ -208,7 +230,7 @@ def _attach_adapter(cfg: AttachConfig, run: RunDir) -> dict:
     from .models import load_model
     src = resolve_adapter(cfg.adapter)
     run.add_input("adapter", src)
-    trained_on = json.loads((src / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    trained_on = resolve_recorded(json.loads((src / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path"), src)
     with run.phase("check"):
         model, _ = load_model(cfg.model, dtype=cfg.dtype, device="cpu")
         check_adapter_fits(model, src)
@@ -218,11 +240,12 @@ def _attach_adapter(cfg: AttachConfig, run: RunDir) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
         conf = json.loads((tmp / ADAPTER_CONFIG).read_text())
-        conf["base_model_name_or_path"] = cfg.model
+        conf["base_model_name_or_path"] = record_path(cfg.model, run.path / "adapter", scope=run.path.parent)
         atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(conf, indent=2))
         atomic_replace_dir(tmp, run.path / "adapter")
         run.add_artifact("adapter", "adapter")
-    result: dict[str, Any] = {"model": cfg.model, "adapter_trained_on": trained_on,
+    result: dict[str, Any] = {"model": record_path(cfg.model, run.path),
+                              "adapter_trained_on": record_path(trained_on, run.path) if trained_on else None,
                               "adapted_modules": len(adapter_shapes(src))}
     if cfg.merge:
         with run.phase("merge"):
@@ -319,6 +342,26 @@ def attach_sae(model: nn.Module, sae, hook: str | None = None, mode: str = "reco
         yield rec
 
 
+def context_budget(prompts: list[str], lengths: list[int], max_new_tokens: int,
+                   max_positions: int | None) -> list[int]:
+    """New tokens each prompt may generate: ``max_new_tokens``, capped (with a warning naming the prompt) where
+    prompt + response would pass the model's ``max_positions``; a prompt that fills the context is refused."""
+    import warnings
+    from .generation import check_prompt_fits
+    if not max_positions:
+        return [max_new_tokens] * len(prompts)
+    out = []
+    for i, n in enumerate(lengths):
+        check_prompt_fits(f"prompt {i}", n, max_positions)
+        room = max_positions - n
+        if room < max_new_tokens:
+            warnings.warn(f"prompt {i} is {n} tokens long: with max_new_tokens {max_new_tokens} it would run past "
+                          f"the model's {max_positions} positions, so it generates at most {room} new tokens",
+                          stacklevel=3)
+        out.append(min(max_new_tokens, room))
+    return out
+
+
 def _attach_sae_run(cfg: AttachConfig, run: RunDir) -> dict:
     from .io import atomic_write_text as _write
     from .models import load_model
@@ -326,13 +369,16 @@ def _attach_sae_run(cfg: AttachConfig, run: RunDir) -> dict:
     model, tok = load_model(cfg.model, dtype=cfg.dtype)
     sae = SAE.load(cfg.sae, hook=cfg.sae_hook or None, device=str(next(model.parameters()).device))
     run.add_input("sae", cfg.sae)
+    encoded = [tok(prompt, return_tensors="pt", verbose=False).input_ids for prompt in cfg.prompts]
+    new_tokens = context_budget(cfg.prompts, [ids.shape[1] for ids in encoded], cfg.max_new_tokens,
+                                getattr(model.config, "max_position_embeddings", None))
     rows = []
     with run.phase("generate"):
-        for prompt in cfg.prompts:
-            ids = tok(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+        for prompt, ids, max_new in zip(cfg.prompts, encoded, new_tokens):
+            ids = ids.to(next(model.parameters()).device)
             with attach_sae(model, sae, cfg.sae_hook or None, cfg.mode, parse_steer(cfg.steer),
                             cfg.top_features) as rec, torch.no_grad():
-                gen = model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                gen = model.generate(ids, max_new_tokens=max_new, do_sample=False,
                                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
             all_ids = gen[0].tolist()
             feats = rec.per_position(0)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SaetuneError
+from .io import iter_lines_utf8
 
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -42,25 +43,25 @@ BENCHMARKS_DIR_ENV = "SAETUNE_BENCHMARKS_DIR"
 
 def _iter_jsonl(path: Path):
     """``(line number, row)`` of a JSONL file (1-based, blank lines skipped, bad JSON named)."""
-    with open(path) as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SaetuneError(f"{str(path)!r} line {i} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SaetuneError(f"{str(path)!r} line {i} holds a {type(row).__name__}, not a JSON object")
-            yield i, row
+    for i, line in iter_lines_utf8(path, "benchmark file"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SaetuneError(f"{str(path)!r} line {i} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise SaetuneError(f"{str(path)!r} line {i} holds a {type(row).__name__}, not a JSON object")
+        yield i, row
 
 
 def load_benchmark(source: str, problem_field: str = "problem", answer_field: str = "answer",
                    limit: int = 0, split: str = "train") -> list[dict[str, str]]:
     """Rows ``{"problem": str, "answer": str}`` from a local JSONL/JSON/Parquet file or a HF id.
 
-    A JSONL row missing ``problem_field`` or ``answer_field`` (or whose problem is null) is an
-    error naming the file's line, the field and the fields present; other sources name the row.
+    A JSONL row missing ``problem_field`` or ``answer_field`` is an error naming the file's line,
+    the field and the fields present; a null or empty problem is an error naming the line; other
+    sources name the row.
     A null answer becomes ``""`` (an unparsable gold: counted by :func:`run`, not an error).
     Answers are stringified (some datasets store AIME answers as ints); ``limit`` > 0 keeps the
     first rows. Hub ids are read through :func:`saetune.data.read_records`.
@@ -80,9 +81,14 @@ def load_benchmark(source: str, problem_field: str = "problem", answer_field: st
     out = []
     for where, row in located:
         for field in (problem_field, answer_field):
-            if field not in row or (field == problem_field and row[field] is None):
+            if field not in row:
                 raise SaetuneError(f"benchmark {source!r} {where} has no field {field!r}; fields present: "
                                    f"{sorted(row)} (set problem_field/answer_field)")
+        problem = row[problem_field]
+        if problem is None or not str(problem).strip():
+            raise SaetuneError(f"benchmark {source!r} {where}: field {problem_field!r} is "
+                               f"{'null' if problem is None else 'empty'}; every row needs a problem text "
+                               "(fix or drop that row)")
         answer = row[answer_field]
         out.append({"problem": str(row[problem_field]), "answer": "" if answer is None else str(answer).strip()})
     return out

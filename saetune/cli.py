@@ -25,8 +25,40 @@ def _verb(sub, name: str, cls: type, help: str) -> argparse.ArgumentParser:
     _config.add_arguments(p, cls)
     if "progress" not in _config.config_fields(cls):
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
-    p.set_defaults(cls=cls)
+    p.set_defaults(cls=cls, stage=name)
     return p
+
+
+def _command(stage: str) -> str:
+    """The command that makes (and resumes) a run dir of ``stage``."""
+    return "saetune " + {"toy": "toy build"}.get(stage, stage)
+
+
+def _check_resume_stage(run_dir: str, stage: str) -> None:
+    """Refuse ``--resume`` of a dir another verb wrote, naming that verb, before its config is read as ours."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise SaetuneError(f"cannot resume {run_dir!r}: {'it is a file' if d.exists() else 'no such directory'}; "
+                           f"pass the run dir of an earlier `{_command(stage)}`")
+    mf = d / "manifest.json"
+    if not mf.exists():
+        if stage == "demo":
+            return
+        if any((sub / "manifest.json").exists() for sub in d.iterdir() if sub.is_dir()):
+            what, cmd = ("a demo", "saetune demo --resume") if (d / "config.yaml").exists() else (
+                "a pipeline", "saetune pipeline RECIPE --resume")
+            raise SaetuneError(f"cannot resume {run_dir!r} with `{_command(stage)}`: it holds {what} (a parent dir of "
+                               f"sub-runs), not a '{stage}' run; continue it with `{cmd} {run_dir}`, or resume one of "
+                               "its sub-run dirs with its own verb")
+        return  # no manifest at all: the config.yaml check below explains
+    try:
+        found = json.loads(mf.read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable manifest: RunDir.open reports it
+    if found and (stage == "demo" or found != stage):
+        raise SaetuneError(f"cannot resume {run_dir!r} with `{_command(stage)}`: it holds a '{found}' run, made by "
+                           f"`{_command(found)}`; continue it with `{_command(found)} --resume {run_dir}`, or pass "
+                           f"the run dir of an earlier `{_command(stage)}`")
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Any, str | None, bool]:
@@ -39,6 +71,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, str | None, bool]:
         if out and Path(out) != Path(args.resume):
             raise SaetuneError(f"--out {out!r} and --resume {args.resume!r} name different dirs; pass only --resume")
         out = args.resume
+        _check_resume_stage(args.resume, args.stage)
         if path is None:
             saved = Path(args.resume) / "config.yaml"
             if not saved.exists():
@@ -146,14 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    p = _verb(sub, "demo", DemoConfig, "toy model → activations → SAE, with a summary table")
+    p = _verb(sub, "demo", DemoConfig, "Resa's SAE-Tuning end to end on the toy model, on a CPU: RL-trained "
+                                       "source → its activations → SAE → SAE-Tuning of the base → merge → controls "
+                                       "→ greedy accuracy of each → feature data, in a summary table")
     p.set_defaults(fn=cmd_demo)
 
     toy = sub.add_parser("toy", help="the built-in model organism (a tiny arithmetic reasoning model)")
     toy_sub = toy.add_subparsers(dest="toy_verb", metavar="ACTION")
     toy_sub.required = True
     p = _verb(toy_sub, "build", ToyBuildConfig, "pre-train the toy model from scratch into a HF model dir")
-    p.set_defaults(fn=cmd_toy_build)
+    p.set_defaults(fn=cmd_toy_build, stage="toy")
 
     p = _verb(sub, "cache", CacheConfig, "capture activations into an on-disk store")
     p.set_defaults(fn=cmd_cache)

@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import SaetuneError
+from .io import read_text_utf8
 
 _MISSING = dataclasses.MISSING
 
@@ -152,7 +153,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise SaetuneError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text_utf8(path, "config file")) or {}
     except yaml.YAMLError as e:
         raise SaetuneError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -18,6 +18,7 @@ import torch
 
 from .config import opt
 from .errors import SaetuneError
+from .io import iter_lines_utf8, read_text_utf8
 
 R1_ZERO_SYSTEM = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -76,17 +77,19 @@ def read_records(source: str, split: str = "train", limit: int = 0, seed: int = 
     if p.exists():
         if p.suffix == ".jsonl":
             rows = []
-            with open(p) as f:
-                for i, line in enumerate(f):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise SaetuneError(f"{source}: line {i + 1} is not valid JSON ({e.msg})") from None
-                    if limit and len(rows) >= limit:
-                        break
+            for i, line in iter_lines_utf8(p, "dataset file"):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise SaetuneError(f"{source}: line {i} is not valid JSON ({e.msg})") from None
+                if limit and len(rows) >= limit:
+                    break
         elif p.suffix == ".json":
-            rows = json.loads(p.read_text())
+            try:
+                rows = json.loads(read_text_utf8(p, "dataset file"))
+            except json.JSONDecodeError as e:
+                raise SaetuneError(f"dataset file {source!r} is not valid JSON: {e}") from None
             if isinstance(rows, dict):
                 rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
         elif p.suffix == ".parquet":
@@ -125,6 +128,18 @@ def _read_hub(source: str, split: str) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
+def _where(source: str, i: int) -> str:
+    """'record i', with its line number when the records came from a JSONL file (blank lines are skipped)."""
+    p = Path(source).expanduser()
+    if p.suffix == ".jsonl" and p.is_file():
+        n = -1
+        for line_no, line in iter_lines_utf8(p, "dataset file"):
+            n += bool(line.strip())
+            if n == i:
+                return f"record {i} (line {line_no} of the file)"
+    return f"record {i}"
+
+
 def record_texts(records: list[dict[str, Any]], cfg: DataConfig, tokenizer=None) -> list[str]:
     """Render records to text with ``cfg.template``; a missing field is named with the fields present."""
     template = cfg.template
@@ -133,9 +148,14 @@ def record_texts(records: list[dict[str, Any]], cfg: DataConfig, tokenizer=None)
 
     def need(row: dict, field: str, i: int) -> Any:
         if field not in row:
-            raise SaetuneError(f"dataset {cfg.dataset!r}: record {i} has no field {field!r} (needed by template "
-                               f"{template!r}); fields present: {', '.join(map(str, row))}")
-        return row[field]
+            raise SaetuneError(f"dataset {cfg.dataset!r}: {_where(cfg.dataset, i)} has no field {field!r} (needed by "
+                               f"template {template!r}); fields present: {', '.join(map(str, row))}")
+        value = row[field]
+        if value is None or (field == cfg.problem_field and not str(value).strip()):  # empty text rows are fine
+            raise SaetuneError(f"dataset {cfg.dataset!r}: in {_where(cfg.dataset, i)} field {field!r} is "
+                               f"{'null' if value is None else 'empty'} (needed by template {template!r}); give "
+                               f"every record a non-empty {field!r} or drop that record")
+        return value
 
     out = []
     for i, row in enumerate(records):

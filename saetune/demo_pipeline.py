@@ -1,11 +1,12 @@
 """``saetune demo``: Resa's SAE-Tuning story end to end on the built-in model organism, on a CPU.
 
-toy base (shipped, or built with ``--build-toy``) → a stronger source (the base trained further)
-→ the source's activations cached at a middle block → a TopK SAE (Resa's Stage I recipe scaled
-down) → SAE-Tuning of the base through that frozen SAE (``toy_tune`` recipe) → merge → controls
-(the same LoRA fine-tuning without the SAE, on the traces and CoT-free) → greedy exact-match
-accuracy of every model → feature data for the explorer. One parent run dir holds a sub-run per
-stage (``eval/<label>/`` per model) and ``summary.json``; a killed demo continues with ``--resume``.
+toy base (shipped, or built with ``--build-toy``) → a stronger source (by default RL-trained from the
+base with GRPO + CURE; ``--source pretrained``: the base pre-trained further) → the source's
+activations cached at a middle block → a TopK SAE (Resa's Stage I recipe scaled down) → SAE-Tuning
+of the base through that frozen SAE (``toy_tune`` recipe) → merge → controls (the same LoRA
+fine-tuning without the SAE, on the traces and CoT-free) → greedy exact-match accuracy of every model
+→ feature data for the explorer. One parent run dir holds a sub-run per stage (``eval/<label>/``
+per model) and ``summary.json``; a killed demo continues with ``--resume``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any, Literal
 
 from .config import opt
 from .errors import SaetuneError
-from .io import atomic_write_json
+from .io import atomic_write_json, check_writable_dir
 from .pipeline import stage_state
-from .runs import RunDir, default_run_dir
+from .runs import RunDir, check_overwrite_parent, config_paths, default_run_dir, record_path
 from .tuning import TuneConfig
 
 
@@ -67,7 +68,7 @@ def _copy_shipped(dest: Path, src: Path, source_name: str) -> None:
 def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the demo pipeline into ``out`` (a parent dir of per-stage run dirs); returns the summary.
 
-    base → a stronger source (the base trained further) → the source's activations → an SAE on
+    base → a stronger source (RL-trained, or the base pre-trained further) → the source's activations → an SAE on
     them → SAE-Tuning of the base through that SAE → merge; controls: the same LoRA fine-tuning
     without the SAE, on the traces and CoT-free; greedy exact-match accuracy of every model.
     """
@@ -83,7 +84,9 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     if parent.exists() and any(parent.iterdir()) and not (resume or overwrite):
         raise SaetuneError(f"output dir {str(parent)!r} already holds a demo; pass --resume to continue it, "
                            "--overwrite to replace it, or choose another --out")
-    if overwrite and parent.exists():
+    check_writable_dir(parent)
+    if overwrite and parent.exists() and any(parent.iterdir()):
+        check_overwrite_parent(parent, "demo", config_paths(cfg))  # only a demo's own dir is ever deleted
         shutil.rmtree(parent)
     parent.mkdir(parents=True, exist_ok=True)
     if not (parent / "config.yaml").exists():  # `saetune demo --resume DIR` reads it back
@@ -194,7 +197,7 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
         "tune": {k: tune_res.get(k) for k in ("steps", "tokens", "eval_loss_before", "eval_loss_after", "final_fvu",
                                               "tokens_per_s", "lora_layers")},
         "seconds": times, "total_seconds": round(sum(times.values()), 2), "cost_usd": cost,
-        "stages": {name: str(parent / name) for name in times},
+        "stages": {name: record_path(parent / name, parent) for name in times},  # relative: the dir may move
     }
     atomic_write_json(parent / "summary.json", summary)
     print(format_table(summary))

@@ -128,6 +128,7 @@ def resolve_model(model: str, base_model: str = "") -> dict[str, Any]:
     dir, whose manifest says what producing the model cost.
     """
     from .models import resolve_model_path
+    from .runs import resolve_recorded
 
     p = Path(model).expanduser()
     if p.is_dir() and not (p / "config.json").exists():
@@ -135,13 +136,14 @@ def resolve_model(model: str, base_model: str = "") -> dict[str, Any]:
             if (p / sub / "config.json").exists():
                 return {"path": str(p / sub), "adapter": None, "run_dir": str(p)}
         if (p / "adapter" / "adapter_config.json").exists():
-            base = base_model or json.loads((p / "adapter" / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path") or ""
+            base = base_model or resolve_recorded(json.loads((p / "adapter" / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path"), p / "adapter") or ""
             if not base:
                 raise SaetuneError(f"{str(p / 'adapter')!r} names no base model; pass base_model")
             return {"path": resolve_model_path(base), "adapter": str(p / "adapter"), "run_dir": str(p)}
         if (p / "adapter_config.json").exists():
-            base = base_model or json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+            base = base_model or resolve_recorded(json.loads((p / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path"), p) or ""
             if not base:
                 raise SaetuneError(f"{str(p)!r} names no base model; pass base_model")
             return {"path": resolve_model_path(base), "adapter": str(p), "run_dir": None}
@@ -313,7 +315,7 @@ def _model_provenance(run_dir: Path) -> dict[str, Any]:
     run dir (a ``tune`` run), that run's time and cost are added: the model's total is tuning +
     merging, the "SAE-Tuning: X minutes, $Y" of Resa.
     """
-    from .runs import read_manifest
+    from .runs import read_manifest, resolve_recorded
 
     stages, seen, d = [], set(), run_dir
     while d is not None and d.resolve() not in seen and len(stages) < 4:
@@ -325,7 +327,7 @@ def _model_provenance(run_dir: Path) -> dict[str, Any]:
         stages.append({"path": str(d), "stage": man.get("stage"), "wall_seconds": man.get("wall_seconds") or 0.0,
                        "gpu_hours": man.get("gpu_hours") or 0.0,
                        "estimated_cost_usd": man.get("estimated_cost_usd") or 0.0})
-        adapter = (man.get("inputs") or {}).get("adapter", {}).get("path")
+        adapter = resolve_recorded((man.get("inputs") or {}).get("adapter", {}).get("path"), d)
         d = Path(adapter).parent if adapter and (Path(adapter).parent / "manifest.json").exists() else None
     return {"path": str(run_dir), "stages": stages,
             **{k: round(sum(st[k] for st in stages), 6) for k in ("wall_seconds", "gpu_hours", "estimated_cost_usd")}}
@@ -355,7 +357,7 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
     """
     from .io import atomic_write_json
     from .models import default_device
-    from .runs import RunDir
+    from .runs import RunDir, record_path
 
     device = cfg.device or default_device()
     try:
@@ -365,7 +367,8 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
             raise
         where = {"path": cfg.model, "adapter": None, "run_dir": None}  # the given backend holds the model
     run_dir = RunDir.open(out, "eval", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
-                          resume_ignore=("progress", "label"))
+                          resume_ignore=("progress", "label"),
+                          inputs=tuple(filter(None, (where["path"], where["adapter"]))))
     m = run_dir.manifest
     m["label"] = cfg.label
     m["gpu_hour_usd"] = cfg.gpu_hour_usd  # finish() prices gpu_hours at it ($SAETUNE_GPU_HOUR_USD overrides)
@@ -373,6 +376,8 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
                    else int(device.startswith("cuda")))
     if where["run_dir"]:
         m["model_run"] = _model_provenance(Path(where["run_dir"]))
+        for rec in (m["model_run"], *m["model_run"]["stages"]):
+            rec["path"] = record_path(rec["path"], run_dir.path)
     batch = cfg.batch_size or (1024 if cfg.backend == "vllm" else 32)
     own_backend = backend is None
     grader = Grader(cfg.grade_workers, cfg.grade_timeout_s)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -104,7 +105,16 @@ def render_prompt(tokenizer, problem: str, template: str) -> str:
 
 def encode_prompt(tokenizer, prompt: str, template: str) -> list[int]:
     """Token ids of a rendered prompt; a chat template already holds its special tokens."""
-    return tokenizer(prompt, add_special_tokens=(template != "chat"))["input_ids"]
+    return tokenizer(prompt, add_special_tokens=(template != "chat"), verbose=False)["input_ids"]
+
+
+def check_prompt_fits(which: str, n_tokens: int, max_positions: int) -> None:
+    """Refuse a prompt (``which``: e.g. "prompt 3") of ``n_tokens`` tokens that leaves no room to generate in a
+    context of ``max_positions``."""
+    if n_tokens >= max_positions:
+        raise SaetuneError(f"{which} is {n_tokens} tokens long, but the model's context holds "
+                           f"{max_positions} positions, which leaves no room to generate; shorten it to fewer than "
+                           f"{max_positions} tokens")
 
 
 def _stop_ids(tokenizer, model_eos: Any, extra: Sequence[int]) -> list[int]:
@@ -142,7 +152,8 @@ class HFBackend:
 
     ``template`` is only used to decide whether the tokenizer adds special tokens (a chat
     template already has them). New tokens are capped so that prompt + response fits the
-    model's ``max_position_embeddings``.
+    model's ``max_position_embeddings`` (with a warning, once); a prompt that fills the context
+    by itself is refused, naming it.
     """
 
     name = "hf"
@@ -157,6 +168,7 @@ class HFBackend:
             raise SaetuneError("the tokenizer has neither a pad nor an EOS token; batched generation needs one")
         self.device = next(model.parameters()).device
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self._warned_cap = False
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
@@ -164,14 +176,15 @@ class HFBackend:
             raise SaetuneError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
         out: list[Completion] = []
         for i in range(0, len(prompts), self.batch_size):
-            out += self._batch(list(prompts[i:i + self.batch_size]), params, int(seeds[i]))
+            out += self._batch(list(prompts[i:i + self.batch_size]), params, int(seeds[i]), start=i)
         return out
 
-    def _batch(self, prompts: list[str], params: SamplingParams, seed: int) -> list[Completion]:
+    def _batch(self, prompts: list[str], params: SamplingParams, seed: int, start: int = 0) -> list[Completion]:
         from transformers import GenerationConfig
 
         ids = [encode_prompt(self.tokenizer, p, self.template) for p in prompts]
         width = max(len(x) for x in ids)
+        longest = start + max(range(len(ids)), key=lambda r: len(ids[r]))
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
         attention = torch.zeros((len(ids), width), dtype=torch.long)
         for r, x in enumerate(ids):
@@ -181,9 +194,12 @@ class HFBackend:
         max_new = params.max_new_tokens
         if self.max_positions:
             room = int(self.max_positions) - width
-            if room < 1:
-                raise SaetuneError(f"a prompt of {width} tokens leaves no room in the model's context of "
-                                   f"{self.max_positions} positions")
+            check_prompt_fits(f"prompt {longest}", width, int(self.max_positions))
+            if room < max_new and not self._warned_cap:
+                self._warned_cap = True  # once per backend: every batch of an evaluation would repeat it
+                warnings.warn(f"prompt {longest} is {width} tokens long: with max_new_tokens {max_new} it would run "
+                              f"past the model's {self.max_positions} positions, so its batch generates at most "
+                              f"{room} new tokens (responses that reach the cap are marked truncated)", stacklevel=3)
             max_new = min(max_new, room)
         gen_cfg = self.model.generation_config
         stop = _stop_ids(self.tokenizer, getattr(gen_cfg, "eos_token_id", None), params.stop_token_ids)
@@ -254,6 +270,10 @@ class _VLLMEngine:
         sps = [_vllm_params(params, int(s), stop) for s in seeds]
         # token ids, not strings: vLLM would add a second BOS to a chat-templated prompt
         requests = [{"prompt_token_ids": encode_prompt(self.tokenizer, p, self.template)} for p in prompts]
+        max_len = getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+        if max_len:  # vLLM stops a response at the context end itself (finish_reason 'length' → truncated)
+            for i, r in enumerate(requests):
+                check_prompt_fits(f"prompt {prompts[i][:60]!r}", len(r["prompt_token_ids"]), int(max_len))
         outs = self.llm.generate(requests, sps, use_tqdm=use_tqdm)
         res = []
         for o in outs:

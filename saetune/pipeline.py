@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from . import config as _config
 from .errors import SaetuneError
-from .io import atomic_write_json
+from .io import atomic_write_json, check_writable_dir
 
 # verb → (module, config class, run function); every run function is f(cfg, out, resume=, overwrite=)
 VERBS: dict[str, tuple[str, str, str]] = {
@@ -56,10 +56,14 @@ class Stage:
 
 
 def stage_state(path: Path) -> str:
-    """'missing', 'complete', or 'partial' for a sub-run dir."""
+    """'missing', 'complete', or 'partial' for a sub-run dir. A run that stopped before doing any work counts
+    as missing: it starts afresh (with the recipe as it is now), since resuming would repeat the old settings."""
+    from .runs import unworked_run
     mf = path / "manifest.json"
     if not mf.exists():
-        return "missing" if not path.exists() else "partial"
+        return "missing" if not path.exists() or not any(path.iterdir()) else "partial"
+    if unworked_run(path):
+        return "missing"
     return "complete" if json.loads(mf.read_text()).get("status") == "complete" else "partial"
 
 
@@ -114,9 +118,15 @@ def run_pipeline(recipe: str | Path, out: str | Path, resume: bool = False, over
     if parent.exists() and any(parent.iterdir()) and not (resume or overwrite):
         raise SaetuneError(f"output dir {str(parent)!r} is not empty; pass --resume to continue the pipeline, "
                            "--overwrite to replace it, or choose another --out")
-    if overwrite and parent.exists():
+    check_writable_dir(parent)
+    data, stages = load_pipeline(recipe, parent)  # a bad recipe is refused before anything is deleted
+    if overwrite and parent.exists() and any(parent.iterdir()):
+        from .runs import check_overwrite_parent, config_paths
+        own = [(parent / s.name).resolve() for s in stages]  # "{stage}" settings name the stages' own dirs
+        inputs = [p for s in stages for p in config_paths(s.cfg)
+                  if not any(q == Path(p).resolve() or q in Path(p).resolve().parents for q in own)]
+        check_overwrite_parent(parent, "pipeline", [str(_config.resolve_recipe(recipe)), *inputs])
         shutil.rmtree(parent)
-    data, stages = load_pipeline(recipe, parent)
     if only:
         names = [s.name for s in stages]
         bad = [o for o in only if o not in names]

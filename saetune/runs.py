@@ -3,7 +3,9 @@
 Layout (see ARCHITECTURE.md): ``config.yaml``, ``manifest.json`` (status, versions, seed,
 device, phase times, artifacts with hashes), ``metrics.jsonl`` and the stage's artifacts.
 An existing run dir is refused unless ``resume`` or ``overwrite`` is given; a lock file keeps
-two live processes out of one dir.
+two live processes out of one dir. ``overwrite`` deletes only a run dir of the same stage, never
+the working directory or an input (:func:`check_overwrite`); paths a run records work from any
+directory and after its pipeline dir is moved (:func:`record_path`, :func:`resolve_recorded`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Iterator
 
 from . import config as _config
 from .errors import SaetuneError
-from .io import atomic_write_json, atomic_write_text, sha256_dir, sha256_file
+from .io import atomic_write_json, atomic_write_text, check_writable_dir, sha256_dir, sha256_file
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -83,6 +85,151 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# ---- paths a run records --------------------------------------------------------------------
+
+def record_path(path: str | Path, where: str | Path, scope: str | Path | None = None) -> str:
+    """``path`` as a file in dir ``where`` records it, so that the record works from any working directory.
+
+    A path inside ``scope`` (default ``where``'s parent: the pipeline dir around a run dir) is stored
+    relative to ``where`` (``../rl-source/model``), so the pipeline dir can be moved whole; any other
+    path is stored absolute. A string that names nothing on disk (a hub id like ``Qwen/Qwen2.5-1.5B``)
+    and ``toy`` are kept as given. :func:`resolve_recorded` reads it back.
+    """
+    s = str(path)
+    p = Path(s).expanduser()
+    if not s or s == "toy" or not p.exists():
+        return s
+    p, where = p.resolve(), Path(where).resolve()
+    scope = Path(scope).resolve() if scope is not None else where.parent
+    if p == scope or scope in p.parents:
+        return os.path.relpath(p, where)
+    return str(p)
+
+
+def resolve_recorded(recorded: str | None, where: str | Path) -> str | None:
+    """A path recorded in dir ``where`` (see :func:`record_path`) as a path that works from here.
+
+    A relative record is taken against ``where``. Older runs recorded paths relative to the directory
+    they ran in: such a path is tried from here, then by its trailing components below ``where`` and
+    its ancestors (``runs/demo-x/toy-base/model`` → ``<pipeline dir>/toy-base/model``), so a moved
+    pipeline dir still finds its inputs. A record found nowhere (a hub id, ``toy``) comes back as it
+    is, for the loader to accept or to name in its error.
+    """
+    if not recorded or recorded == "toy":
+        return recorded
+    p = Path(recorded).expanduser()
+    base = Path(where).resolve()
+    if not p.is_absolute() and (base / p).exists():
+        return os.path.normpath(base / p)
+    if p.exists():
+        return os.path.abspath(p)
+    parts = p.parts[1:] if p.is_absolute() else p.parts
+    if parts[:1] == ("..",):
+        return recorded  # a record relative to ``where`` (not an older cwd-relative one): its target is gone
+    for anc in [base, *base.parents][:4]:
+        for n in range(min(len(parts), 4), 1 if len(parts) > 1 else 0, -1):  # longest (most specific) first
+            cand = anc.joinpath(*parts[-n:])
+            if cand.exists():
+                return str(cand)
+    return recorded
+
+
+def config_paths(cfg: Any) -> list[str]:
+    """The values of ``cfg`` (a config dataclass or its dict) that name existing files or dirs: the run's inputs."""
+    values = cfg if isinstance(cfg, dict) else _config.to_dict(cfg)
+    out = []
+    for v in values.values():
+        for s in (v if isinstance(v, list) else [v]):
+            if isinstance(s, str) and s and s != "toy" and Path(s).expanduser().exists():
+                out.append(s)
+    return out
+
+
+# ---- what --overwrite may delete -------------------------------------------------------------
+
+BOOKKEEPING = frozenset({CONFIG, MANIFEST, METRICS, LOCK})
+
+
+def unworked_run(path: Path, stage: str | None = None) -> bool:
+    """Whether ``path`` holds a run (of ``stage``, if given) that failed before doing any work: status failed and
+    nothing but saetune's own bookkeeping files, without a metrics row. A check that needed the inputs (a batch
+    larger than the data, a hook the model lacks) leaves such a dir; the corrected retry replaces it without
+    --overwrite, since it holds nothing a user could lose. (A 'running' one may be alive on another host.)"""
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+        names = {c.name for c in path.iterdir()}
+        metrics = (path / METRICS).read_text() if METRICS in names else ""
+    except (OSError, ValueError):
+        return False
+    return (isinstance(m, dict) and m.get("status") == "failed" and names <= BOOKKEEPING
+            and not metrics.strip() and stage in (None, m.get("stage")))
+
+
+def refuse_unsafe_delete(path: Path, inputs: list[str | Path] = (), flag: str = "--out") -> None:
+    """Refuse to delete ``path`` when it is (or holds) the working directory or an input of this command."""
+    p, here = path.resolve(), Path.cwd().resolve()
+    if p == here or p in here.parents:
+        what = "the working directory" if p == here else f"a parent of the working directory {str(here)!r}"
+        raise SaetuneError(f"--overwrite would delete {str(path)!r}, which is {what}; pass a new or empty "
+                           f"sub-directory as {flag}")
+    for i in inputs:
+        q = Path(i).expanduser()
+        if not q.exists():
+            continue
+        q = q.resolve()
+        if q == p or p in q.parents:
+            what = "is" if q == p else "holds"
+            raise SaetuneError(f"--overwrite would delete {str(path)!r}, which {what} {str(i)!r}, an input of this "
+                               f"run; write the run to another {flag}")
+
+
+def check_overwrite(path: Path, stage: str, inputs: list[str | Path] = ()) -> None:
+    """Refuse ``--overwrite`` of ``path`` unless it holds a '``stage``' run dir (its ``manifest.json``) that is
+    neither the working directory nor an input of this run: files of any other kind are never deleted."""
+    refuse_unsafe_delete(path, inputs)
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        held = sorted(c.name for c in path.iterdir())
+        shown = ", ".join(repr(n) for n in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise SaetuneError(f"--overwrite refuses to delete {str(path)!r}: it is not a saetune run dir (no readable "
+                           f"{MANIFEST}; it holds {shown}); choose another --out, or move those files away "
+                           "yourself") from None
+    other = m.get("stage") if isinstance(m, dict) else None
+    if other != stage:
+        raise SaetuneError(f"--overwrite refuses to delete {str(path)!r}: it holds a {other!r} run, and a '{stage}' "
+                           f"run replaces only a '{stage}' run; choose another --out, or delete that run yourself "
+                           "if it is no longer needed")
+
+
+def _sub_runs_only(d: Path) -> bool:
+    """A pipeline stage's dir: a run dir, a group of them (``eval/<label>/``), or empty (a stage killed at once)."""
+    if not d.is_dir() or d.is_symlink():
+        return False
+    kids = list(d.iterdir())
+    return (d / MANIFEST).exists() or all(g.is_dir() and ((g / MANIFEST).exists() or not any(g.iterdir()))
+                                          for g in kids)
+
+
+def check_overwrite_parent(path: Path, kind: str, inputs: list[str | Path] = ()) -> None:
+    """Refuse ``--overwrite`` of a pipeline's parent dir (``kind``: 'demo' or 'pipeline') unless it holds only
+    stage dirs (:func:`_sub_runs_only`) and the parent's own files: ``summary.json`` and, in a demo's, the
+    ``config.yaml`` it writes first (a pipeline writes none: that tells the two apart)."""
+    refuse_unsafe_delete(path, inputs)
+    names = {c.name for c in path.iterdir()}
+    strangers = sorted(n for n in names if not ((path / n).is_file() and n in ("summary.json", CONFIG))
+                       and not _sub_runs_only(path / n))
+    if strangers:
+        shown = ", ".join(repr(n) for n in strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3
+                                                             else "")
+        raise SaetuneError(f"--overwrite refuses to delete {str(path)!r}: it holds {shown}, which no saetune {kind} "
+                           "wrote; choose another --out, or move those away yourself")
+    if (kind == "demo") != (CONFIG in names) and names:
+        what = "a pipeline's stages" if kind == "demo" else "a demo"
+        raise SaetuneError(f"--overwrite refuses to delete {str(path)!r}: it holds {what}, not a {kind}'s; choose "
+                           "another --out, or delete it yourself if it is no longer needed")
+
+
 class RunDir:
     """A stage's output directory. Use :meth:`open`; then ``phase``, ``log``, ``finish``."""
 
@@ -96,11 +243,14 @@ class RunDir:
     @classmethod
     def open(cls, path: str | Path | None, stage: str, cfg: Any, *, resume: bool = False,
              overwrite: bool = False, seed: int | None = None, device: str = "cpu",
-             resume_ignore: tuple[str, ...] = ()) -> "RunDir":
+             resume_ignore: tuple[str, ...] = (), inputs: tuple[str | Path, ...] = ()) -> "RunDir":
         """Create (or, with ``resume``, reopen) the run dir for ``stage`` with config ``cfg``.
 
         Refuses a dir that holds another run unless ``overwrite``; refuses a resumed run whose
         config differs from the saved one (naming the keys), except keys in ``resume_ignore``.
+        ``overwrite`` replaces only a '``stage``' run dir that is neither the working directory nor
+        one of the run's inputs (every path in ``cfg``, plus ``inputs``); a dir of a run that failed
+        before doing any work is replaced without it.
         """
         if resume and overwrite:
             raise SaetuneError("--resume and --overwrite contradict each other; pass one of them")
@@ -108,6 +258,7 @@ class RunDir:
         cfg_dict = _config.to_dict(cfg)
         if path.exists() and not path.is_dir():
             raise SaetuneError(f"output path {str(path)!r} is a file, not a directory; choose another --out")
+        check_writable_dir(path)  # a read-only dir: a sentence now, not an OSError halfway through
         exists = path.exists() and any(path.iterdir())
         if exists and (path / LOCK).exists():
             cls._check_lock(path / LOCK)  # a live run's dir: say so before anything else
@@ -135,14 +286,23 @@ class RunDir:
             manifest.setdefault("resumed_at", []).append(_now())
             run.write_manifest()
             return run
-        if exists:
+        if exists and not overwrite and unworked_run(path, stage):
+            for name in BOOKKEEPING:  # a run refused before any work: the corrected retry takes its place
+                (path / name).unlink(missing_ok=True)
+        elif exists:
             if not overwrite:
-                what = "a run"
-                if (path / MANIFEST).exists():
-                    m = json.loads((path / MANIFEST).read_text())
-                    what = f"a '{m.get('stage')}' run (status {m.get('status')})"
-                raise SaetuneError(f"output dir {str(path)!r} already holds {what}; pass --resume to "
-                                   "continue it, --overwrite to replace it, or choose another --out")
+                if not (path / MANIFEST).exists():
+                    raise SaetuneError(f"output dir {str(path)!r} already holds files that are not a saetune run (no "
+                                       f"{MANIFEST}), which neither --resume nor --overwrite will touch; choose "
+                                       "another --out (a new or empty dir)")
+                m = json.loads((path / MANIFEST).read_text())
+                held = f"output dir {str(path)!r} already holds a '{m.get('stage')}' run (status {m.get('status')})"
+                if m.get("stage") != stage:
+                    raise SaetuneError(f"{held}, which a '{stage}' run can neither --resume nor --overwrite; choose "
+                                       "another --out")
+                raise SaetuneError(f"{held}; pass --resume to continue it, --overwrite to replace it, or choose "
+                                   "another --out")
+            check_overwrite(path, stage, [*config_paths(cfg_dict), *inputs])
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         manifest = {
@@ -197,10 +357,12 @@ class RunDir:
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
     def add_input(self, name: str, path: str | Path, digest: str | None = None) -> None:
+        """Record input ``name`` with its hash; its path as :func:`record_path` writes it (read it back with
+        :func:`resolve_recorded` against this run dir)."""
         p = Path(path)
         if digest is None and p.exists():
             digest = sha256_dir(p) if p.is_dir() else sha256_file(p)
-        self.manifest["inputs"][name] = {"path": str(path), "sha256": digest}
+        self.manifest["inputs"][name] = {"path": record_path(path, self.path), "sha256": digest}
         self.write_manifest()
 
     def add_artifact(self, name: str, rel_path: str) -> str:

@@ -390,3 +390,28 @@ def load_saes(path: str | Path, device: str = "cpu") -> dict[str, SAE]:
 
 def config_dict(sae: SAE) -> dict[str, Any]:
     return asdict(sae.cfg)
+
+
+def warn_hook_mismatch(what: str, trained_at: str, used_at: str, model: nn.Module | None = None) -> bool:
+    """Warn when an SAE trained at hook ``trained_at`` is used at ``used_at``; returns whether it warned.
+
+    Names are compared canonically (through ``model``'s hook names when given, else with a leading
+    ``model.`` ignored). A warning, not an error: Resa's reference code loads SAEs trained on
+    ``layers.N.mlp`` into the block output ``model.layers.N`` on purpose.
+    """
+    import warnings
+
+    def canonical(name: str) -> str:
+        if model is not None:
+            from .models import resolve_hook
+            try:
+                name = resolve_hook(model, name).name
+            except SaetuneError:
+                pass  # a name this model does not know: compare the spelling
+        return name.removeprefix("model.")
+
+    if not trained_at or not used_at or canonical(trained_at) == canonical(used_at):
+        return False
+    warnings.warn(f"{what} was trained at hook {trained_at!r} but is used at {used_at!r}: the hook points differ "
+                  "(as in Resa's reference code); its reconstructions start off-distribution", stacklevel=3)
+    return True

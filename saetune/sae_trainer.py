@@ -36,8 +36,8 @@ from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
 from .metrics import fvu as fvu_of, l0 as l0_of, mse as mse_of, total_variance
 from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free, load_optimizer, save_optimizer
-from .runs import RunDir, SigtermInterrupts
-from .sae import ARCHITECTURES, SAE, SAEConfig, _StepL0
+from .runs import RunDir, SigtermInterrupts, record_path
+from .sae import ARCHITECTURES, SAE, SAEConfig, _StepL0, warn_hook_mismatch
 from saetune.kernels import sae_update
 
 STAGE = "train-sae"
@@ -66,7 +66,8 @@ class TrainSAEConfig(DataConfig):
     warmup_steps: int = opt(0, "linear lr warm-up steps (adam only; Resa uses none)")
     batch_size: int = opt(4096, "tokens per step (Resa: 65,536 over 2 GPUs); a multiple of context_size "
                                 "when activations are computed on the fly")
-    total_tokens: int = opt(0, "train on this many tokens (0 = one pass over the data)")
+    total_tokens: int = opt(0, "train on this many tokens (0 = one pass over the data); at most one pass, as in "
+                               "Resa: epochs never cycle, and a larger value is capped with a warning")
     shuffle: bool = opt(False, "shuffle store reads across shards (Resa: no shuffle)")
     seed: int = opt(0, "seed of SAE init and shuffling")
     auxk_coef: float = opt(0.0, "weight of the AuxK loss on dead latents (Resa: 0; Gao et al.: 1/32)")
@@ -266,17 +267,13 @@ def sae_specs(cfg: TrainSAEConfig, widths: dict[str, int]) -> list[tuple[str, st
 
 def _initial_sae(cfg: TrainSAEConfig, sc: SAEConfig, hook: str) -> SAE:
     """The pretrained SAE of ``init_from``, checked against the run's shape (Resa's fine-tuned mode)."""
-    import warnings
     sae = SAE.load(cfg.init_from, hook=cfg.init_hook or None)
     if sae.d_in != sc.d_in:
         raise SaetuneError(f"init_from SAE has d_in {sae.d_in}, but hook {hook!r} has width {sc.d_in}")
     if sae.cfg.architecture != sc.architecture:
         raise SaetuneError(f"init_from SAE is {sae.cfg.architecture!r}, this run trains {sc.architecture!r}")
-    src_hook = sae.cfg.hook_name or cfg.init_hook
-    if src_hook and src_hook.removeprefix("model.") != hook.removeprefix("model."):
-        # Resa loads EleutherAI SAEs trained on layers.N.mlp into the block output model.layers.N
-        warnings.warn(f"init_from SAE was trained at hook {src_hook!r} but is used at {hook!r}: the hook points "
-                      "differ (as in Resa's reference code); its reconstructions start off-distribution")
+    # Resa loads EleutherAI SAEs trained on layers.N.mlp into the block output model.layers.N
+    warn_hook_mismatch("init_from SAE", sae.cfg.hook_name or cfg.init_hook, hook)
     sae.cfg.hook_name, sae.cfg.model_name = hook, cfg.model
     sae.train()
     return sae
@@ -299,6 +296,25 @@ def check_world_size(cfg: TrainSAEConfig, world: int, resume: bool = False) -> N
         raise SaetuneError(f"{seqs} sequences per batch (batch_size {cfg.batch_size} / context_size "
                            f"{cfg.context_size}) do not divide over {world} processes; {what} it on a process "
                            f"count that divides {seqs} (e.g. {', '.join(map(str, valid))})")
+
+
+def check_store(cfg: TrainSAEConfig) -> None:
+    """Refuse an activation store that cannot serve this run before the run dir is made, not after training:
+    a hook it lacks, or a model it names (needed for the spliced-in evaluation) that cannot be found from here."""
+    if not cfg.activations:
+        return
+    from .models import resolve_model_path
+    store = ActivationStore(cfg.activations)
+    for h in cfg.hooks:
+        store._hook(h)
+    if cfg.eval_seqs:
+        try:
+            resolve_model_path(store.model or cfg.model)
+        except SaetuneError as e:
+            raise SaetuneError(f"the activation store {cfg.activations!r} was made from model "
+                               f"{store.manifest.get('model')!r}, which the evaluation after training (eval_seqs "
+                               f"{cfg.eval_seqs}) needs, but it cannot be loaded: {e}; put the model back where the "
+                               "store names it, or pass --eval-seqs 0 to train without that evaluation") from None
 
 
 def _checkpoint_dir(run: RunDir) -> Path:
@@ -354,6 +370,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
     from tqdm.auto import tqdm
     from .distributed import fault_step, launched_world_size, start_run
     check_world_size(cfg, launched_world_size(), resume)  # before the run dir is touched
+    check_store(cfg)
     dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
                           seed=cfg.seed, resume_ignore=("progress", "log_every"))
     device = dist.device
@@ -430,6 +447,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
             for _, t in trainers:
                 t.sae.eval()
                 rel = "sae" if len(trainers) == 1 else f"sae/{t.name}"
+                t.sae.cfg.model_name = record_path(source.model_path, run.path / rel, scope=run.path.parent)
                 t.sae.save(run.path / rel, format=cfg.save_format)
                 run.add_artifact(f"sae:{t.name}", rel)
         with run.phase("eval"):
@@ -463,7 +481,7 @@ class _DataSource:
             for h in cfg.hooks:
                 self.store._hook(h)
             self.widths = {h: self.store.d(h) for h in cfg.hooks}
-            self.model_path = self.store.manifest.get("model", cfg.model)
+            self.model_path = self.store.model or cfg.model
             self.store_digest = ",".join(s["checksum"].split(":")[-1][:16] for s in self.store.shards[:4])
             total = self.store.n_batches(cfg.batch_size)
         else:
@@ -483,6 +501,12 @@ class _DataSource:
             self.chunks = chunks
             self.seqs = seqs
         want = cfg.total_tokens // cfg.batch_size if cfg.total_tokens else total
+        if want > total and rank == 0:
+            import warnings
+            warnings.warn(f"total_tokens {cfg.total_tokens:,} is more than the data holds: one pass is "
+                          f"{total * cfg.batch_size:,} tokens ({total:,} batches of {cfg.batch_size:,}), and train-sae "
+                          "trains one pass at most (epochs do not cycle); training stops there — add data (e.g. "
+                          "max_examples) to train on more tokens", stacklevel=2)
         self.n_steps = min(total, want, cfg.max_steps or total)
         if self.n_steps < 1:
             raise SaetuneError(f"the data gives no full batch of {cfg.batch_size} tokens; add data, lower "
@@ -491,13 +515,12 @@ class _DataSource:
     def _load_model(self):
         from .models import load_model, model_width, resolve_hook
         if self.model is None:
-            self.model, self.tok = load_model(self.cfg.model if not self.cfg.activations else
-                                              self.store.manifest.get("model", self.cfg.model),
-                                              dtype=self.cfg.model_dtype, device=self.device)
+            name = (self.store.model or self.cfg.model) if self.cfg.activations else self.cfg.model
+            self.model, self.tok = load_model(name, dtype=self.cfg.model_dtype, device=self.device)
             self.model.requires_grad_(False)
             self.hps = {h: resolve_hook(self.model, h) for h in self.cfg.hooks}
             self.widths = {h: model_width(self.model, hp) for h, hp in self.hps.items()}
-            self.model_path = self.cfg.model
+            self.model_path = name
         return self.model
 
     def batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -545,12 +568,12 @@ def evaluate_saes(source: _DataSource, trainers: list[tuple[str, SAETrainer]], c
     model = source._load_model()
     dev = next(model.parameters()).device
     sums: dict[str, dict[str, float]] = {t.name: {} for _, t in trainers}
-    n_batches = 0
+    n_seqs = 0  # each batch's means weigh by its sequences (all of one length): the last batch may be short
     for b in range(0, ids_all.shape[0], batch_seqs):
         ids = ids_all[b:b + batch_seqs].to(dev)
         clean = model(input_ids=ids, use_cache=False).logits
         ce_clean = float(next_token_ce(clean, ids))
-        n_batches += 1
+        n_seqs += ids.shape[0]
         for hook, t in trainers:
             hp = source.hps[hook]
             s = sums[t.name]
@@ -573,10 +596,10 @@ def evaluate_saes(source: _DataSource, trainers: list[tuple[str, SAETrainer]], c
                              ("fvu", float(fvu_of(captured["x"], captured["x_hat"]))),
                              ("mse", float(mse_of(captured["x"], captured["x_hat"]))),
                              ("l0", float(captured["l0"]))):
-                s[key] = s.get(key, 0.0) + val
+                s[key] = s.get(key, 0.0) + val * ids.shape[0]
     for name, s in sums.items():
         r = results[name]
-        r.update({k: round(v / n_batches, 6) for k, v in s.items()})
+        r.update({k: round(v / n_seqs, 6) for k, v in s.items()})
         r["ce_loss_recovered"] = round(ce_loss_recovered(r["ce_clean"], r["ce_spliced"], r["ce_zero"]), 6)
         r["n_eval_tokens"] = int(ids_all.numel())
     return results

@@ -40,11 +40,11 @@ from .data import DataConfig, load_chunks
 from .distill import ce_from_hidden, kl_from_hidden
 from .distributed import Dist, fault_step, launched_world_size, start_run
 from .errors import SaetuneError
-from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
+from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from .metrics import fvu as fvu_of
 from .models import HookPoint, StopForward, decoder_layers, first_tensor, load_model, model_width, resolve_hook
 from .optim import load_optimizer, save_optimizer
-from .runs import RunDir, SigtermInterrupts
+from .runs import RunDir, SigtermInterrupts, record_path
 
 STAGE = "tune"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -101,9 +101,20 @@ class TuneConfig(DataConfig):
                                "student is the teacher; for plain LoRA fine-tuning (a control) use loss 'ce'")
         if self.loss not in ("kl", "ce"):
             raise SaetuneError(f"unknown loss {self.loss!r}; valid: kl, ce")
-        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk"):
+        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "log_every"):
             if getattr(self, name) < 1:
                 raise SaetuneError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "max_steps", "eval_seqs", "checkpoint_every",
+                     "keep_checkpoints", "gpu_hour_usd", "max_examples"):
+            if not getattr(self, name) >= 0:  # `not >=`: NaN fails too
+                raise SaetuneError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SaetuneError(f"lr must be a positive number (Resa: 1e-6), got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            raise SaetuneError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.context_size < 2:
+            raise SaetuneError(f"context_size must be at least 2 (a next-token loss needs two positions), got "
+                               f"{self.context_size}")
         if not self.target_modules:
             raise SaetuneError("target_modules is empty; name the modules that get LoRA (e.g. q_proj v_proj)")
 
@@ -253,7 +264,7 @@ class SAETuner:
         self.fn = bottleneck(self.sae, cfg.stop_grad, cfg.error_term, self.stash) if self.sae is not None else None
 
     def _load_sae(self, cfg: TuneConfig, device: str) -> None:
-        from .sae import SAE
+        from .sae import SAE, warn_hook_mismatch
         self.sae = SAE.load(cfg.sae, hook=cfg.sae_hook or None, device=device)
         hook = cfg.hook or self.sae.cfg.hook_name or cfg.sae_hook
         if not hook:
@@ -263,10 +274,7 @@ class SAETuner:
         if self.sae.d_in != width:
             raise SaetuneError(f"SAE width d_in={self.sae.d_in} does not match the target model's width {width} at "
                                f"{self.hp.name}; train the SAE on a model of the same width or pick another SAE")
-        if cfg.sae_hook and cfg.sae_hook != self.hp.name and ".mlp" in cfg.sae_hook and self.hp.site == "block":
-            import warnings
-            warnings.warn(f"the SAE was trained on {cfg.sae_hook!r} (an MLP output) but replaces the block output "
-                          f"{self.hp.name!r}, as Resa's reference code does; the hook points differ", stacklevel=2)
+        warn_hook_mismatch("the SAE", self.sae.cfg.hook_name or cfg.sae_hook, self.hp.name, self.model)
         self.sae.to(self.model.dtype).requires_grad_(False).eval()
 
     def trainable(self) -> list[nn.Parameter]:
@@ -544,6 +552,11 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
             tmp = run.path / ".tmp-adapter"
             shutil.rmtree(tmp, ignore_errors=True)
             tuner.peft.save_pretrained(str(tmp), state_dict=adapter)
+            # peft names the base as it was given (relative to this cwd): record it for any cwd, and a moved pipeline
+            conf = json.loads((tmp / "adapter_config.json").read_text())
+            conf["base_model_name_or_path"] = record_path(conf.get("base_model_name_or_path") or cfg.model,
+                                                          run.path / "adapter", scope=run.path.parent)
+            atomic_write_text(tmp / "adapter_config.json", json.dumps(conf, indent=2))
             atomic_replace_dir(tmp, run.path / "adapter")
             adapter_hash = run.add_artifact("adapter", "adapter")
         rows = run.metrics()
