@@ -78,8 +78,12 @@ def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", norm_len
     - ``token-mean`` (DAPO; TRL ``bnpo``/``dapo``): ``Σ_{b,t} m·ℓ / Σ_{b,t} m`` — every token
       of the batch weighs the same, so long responses are not down-weighted.
     - ``seq-mean-token-mean`` (GRPO; TRL ``grpo``): ``mean_b (Σ_t m·ℓ / Σ_t m)``.
-    - ``seq-mean-token-sum-norm`` (Dr.GRPO; TRL ``dr_grpo``): ``mean_b (Σ_t m·ℓ / L)`` with a
-      constant ``L = norm_length`` (default ``T``, the mask's padded length, as verl and TRL).
+    - ``seq-mean-token-sum-norm`` (Dr.GRPO; TRL ``dr_grpo``): ``mean_b (Σ_t m·ℓ / L)`` with
+      ``L = norm_length``, a constant of the run: the max new tokens (verl divides by its
+      ``loss_scale_factor``, else by the response length its rollout pads every batch to; TRL by
+      ``max_completion_length``). The default ``T`` (the mask's width) equals that constant only
+      when responses are padded to the response budget, as in verl; a trainer whose batches are
+      padded to their longest sequence must pass it (``saetune.rl.trainer.update`` does).
 
     A batch (or a sequence, in the seq modes) with no valid token contributes 0 rather than
     ``nan`` (denominators clamped at 1, as TRL does); empty rows still count in ``mean_b``.

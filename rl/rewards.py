@@ -5,8 +5,8 @@ What is here, and where each formula comes from (details in ``../shared/SPEC_RL.
 - :func:`correctness_reward` — the verifiable 0/1 reward.
 - :func:`reasoning_pattern_reward` (RPR) and :func:`reasoning_pattern_hits` — the
   Reasoning Pattern Reward of the "noisy rewards" paper, its reward-model variant
-  (:func:`reasoning_pattern_reward_rm`, :func:`combine_with_reward_model`) and its per-group
-  reward flipping (:func:`flip_group_rewards`).
+  (:func:`reasoning_pattern_reward_rm`, :func:`combine_with_reward_model`), how it joins
+  correctness (:func:`combine_rpr`) and its per-group reward flipping (:func:`flip_group_rewards`).
 - HAPO length reward (:class:`HapoHistory`, :func:`hapo_length_reward`, :func:`hapo_reward`).
 - OTC tool-call rewards (:func:`otc_ppo_tool_reward`, :func:`otc_grpo_tool_reward`,
   :func:`otc_reward`, :func:`otc_group_rewards`, :func:`tool_productivity`).
@@ -145,6 +145,37 @@ def combine_with_reward_model(score: float, rpr: float) -> float:
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise SaetuneError(f"{name} must be a finite number, got {v!r}")
     return min(score + 0.1 * rpr, 1.0) if score < 0.5 else float(score)
+
+
+#: How RPR joins the correctness reward: see :func:`combine_rpr`.
+RPR_MODES: tuple[str, ...] = ("add", "wrong_only", "alone")
+
+
+def combine_rpr(correctness: float, rpr: float, mode: str) -> float:
+    """One response's reward from its correctness reward and its (weighted) RPR.
+
+    - ``"wrong_only"`` — the "noisy rewards" paper's "RPR for wrong answers": a correct answer
+      (``correctness > 0``) keeps its correctness reward, a wrong one gets its RPR instead of
+      its 0 (or −1): ``r = correctness if correctness > 0 else rpr``;
+    - ``"alone"`` — the paper's RPR-only runs (no correctness check): ``r = rpr``;
+    - ``"add"`` — ``r = correctness + rpr``: saetune's earlier sum, which the reference never
+      uses (a correct answer could then earn more than 1).
+
+    ``correctness`` is 0/1 (or ±1, DAPO's signed reward); ``rpr`` comes already weighted
+    (``rpr_weight · RPR``, 1·RPR in the paper). Callers: the trainer
+    (``RLConfig.rpr_mode``), the TRL reward :func:`saetune.rl.integrations.trl.make_rpr_reward`
+    and verl's ``compute_score`` (``extra_info["rpr_mode"]``).
+    """
+    if mode not in RPR_MODES:
+        raise SaetuneError(f"unknown rpr mode {mode!r}; valid: {', '.join(RPR_MODES)}")
+    for name, v in (("correctness", correctness), ("rpr", rpr)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SaetuneError(f"{name} must be a finite number, got {v!r}")
+    if mode == "alone":
+        return float(rpr)
+    if mode == "wrong_only":
+        return float(correctness) if correctness > 0 else float(rpr)
+    return float(correctness) + float(rpr)
 
 
 def reasoning_pattern_hits(
@@ -571,7 +602,8 @@ def compose_rewards(specs: Sequence[RewardSpec], **inputs: Any) -> tuple[float, 
 __all__ = [
     "REASONING_PATTERNS", "REASONING_PATTERNS_RM", "REASONING_PATTERNS_RM_EXTRA",
     "correctness_reward", "repetition_rate", "reasoning_pattern_reward",
-    "reasoning_pattern_reward_rm", "combine_with_reward_model", "reasoning_pattern_hits",
+    "reasoning_pattern_reward_rm", "combine_with_reward_model", "RPR_MODES", "combine_rpr",
+    "reasoning_pattern_hits",
     "flip_group_rewards", "HapoHistory", "hapo_length_reward", "hapo_reward",
     "otc_ppo_tool_reward", "otc_grpo_tool_reward", "otc_reward", "otc_group_rewards",
     "tool_productivity", "is_no_thinking", "adaptthink_reward", "rlpr_probability_reward",

@@ -8,8 +8,9 @@ One step (the formulas live in the pure modules beside this one):
    come from :mod:`saetune.rl.rollout`.
 2. **reward** — :func:`saetune.rl.rewards.compose_rewards` over the configured rewards; a
    reward that raises or returns NaN fails the step, naming the step and the reward.
-3. **dynamic sampling** (DAPO) — groups whose rewards all agree are dropped and more prompts
-   are sampled, up to ``max_sample_batches`` batches.
+3. **dynamic sampling** (DAPO) — groups whose answers are all correct or all wrong
+   (``filter_metric`` acc, DAPO's and CURE's; or whose rewards all agree: reward) are dropped and
+   more prompts are sampled, up to ``max_sample_batches`` batches.
 4. **update** — GRPO advantages per group, :func:`saetune.rl.losses.policy_loss` (clip-higher,
    dual clip, aggregation, k3 KL to an optional reference, entropy bonus), the 80/20 mask
    (:func:`saetune.rl.entropy.high_entropy_mask`), ``ppo_epochs`` × ``mini_batches`` AdamW steps.
@@ -44,7 +45,8 @@ from saetune.rl import cure as _cure
 from saetune.rl.advantages import dynamic_sampling_filter, grpo_advantages, overlong_penalty
 from saetune.rl.entropy import entropy_stats, high_entropy_mask
 from saetune.rl.losses import policy_loss, resolve_agg_mode
-from saetune.rl.rewards import RewardSpec, compose_rewards, reasoning_pattern_hits, reasoning_pattern_reward
+from saetune.rl.rewards import (RewardSpec, combine_rpr, compose_rewards, reasoning_pattern_hits,
+                                reasoning_pattern_reward)
 from saetune.rl.rollout import SampleParams, right_pad, sample, score, score_responses
 from saetune.runs import RunDir
 
@@ -82,12 +84,17 @@ class RLConfig:
                                     "stage-1 weights) runs for the rest (0 = all steps are stage 1)")
     cure_branch_reward: Literal["continuation", "full"] = opt(
         "continuation", "text a branch is rewarded on: its continuation only (CURE) or prefix + continuation")
+    cure_prompt_window: int = opt(1500, "CURE: a branch prompt (prompt + prefix) keeps its first this-many tokens "
+                                        "(CURE: 1500, its max prompt length); capped at context_size - max new "
+                                        "tokens, so the continuation keeps the full response budget")
     temperature: float = opt(1.0, "sampling temperature (log-probs and entropies use it too)")
     top_p: float = opt(1.0, "nucleus sampling threshold")
     max_new_tokens: int = opt(0, "response length cap (0 = the toy task's longest trace + 1, or 1024)")
     context_size: int = opt(2048, "prompt + response cap in tokens (also capped by the model's positions)")
     lr: float = opt(1e-6, "AdamW learning rate (CURE/DAPO: 1e-6)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(0, "linear warm-up: step s (0-based) trains at lr*s/warmup_steps until s reaches it, as "
+                               "verl's constant schedule with warm-up (CURE: 10)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (CURE: 0.1)")
     betas: list[float] = opt(None, "AdamW betas", factory=lambda: [0.9, 0.999])
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     ppo_epochs: int = opt(1, "passes over each rollout batch")
@@ -97,9 +104,12 @@ class RLConfig:
     dual_clip: float = opt(10.0, "dual-clip constant c for negative advantages (CURE: 10, verl: 3; 0 = off)")
     loss_agg: str = opt("", "loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum-norm or a TRL "
                             "alias (empty: token-mean for dapo, seq-mean-token-mean for grpo)")
-    dynamic_sampling: bool | None = opt(None, "drop groups whose rewards all agree and sample more (null: on for "
-                                              "dapo, off for grpo)")
+    dynamic_sampling: bool | None = opt(None, "drop groups whose filter_metric all agrees and sample more (null: "
+                                              "on for dapo, off for grpo)")
     max_sample_batches: int = opt(3, "dynamic sampling: rollout batches per step at most")
+    filter_metric: Literal["acc", "reward"] = opt(
+        "acc", "what dynamic sampling compares within a group: acc drops groups all correct or all wrong (DAPO's "
+               "and CURE's filter_groups.metric=acc), reward drops groups whose total rewards all agree")
     adv_eps: float = opt(1e-6, "ε of the GRPO advantage (verl 1e-6, TRL 1e-4)")
     scale_adv_by_std: bool = opt(True, "divide advantages by the group std (false: Dr.GRPO)")
     kl_coef: float = opt(0.0, "weight of the k3 KL to the reference model (0 = no reference; CURE/DAPO: 0)")
@@ -111,6 +121,12 @@ class RLConfig:
     rewards: list[str] = opt(None, "rewards to sum: correctness, rpr, overlong, or names passed to train()",
                              factory=lambda: ["correctness"])
     reward_weights: list[float] = opt(None, "weight of each reward (default 1 each)", factory=list)
+    correctness_reward: Literal["binary", "signed"] = opt(
+        "binary", "the correctness reward: binary = 1/0, signed = +1/-1 (DAPO's math reward, CURE's reward manager)")
+    rpr_mode: Literal["add", "wrong_only", "alone"] = opt(
+        "add", "how the rpr reward joins correctness (saetune.rl.rewards.combine_rpr): add = summed (the "
+               "reference never does), wrong_only = correct answers get correctness, wrong ones their RPR (the "
+               "noisy-rewards paper), alone = RPR only (correctness is still logged)")
     overlong_buffer: int = opt(0, "DAPO overlong shaping buffer B for the 'overlong' reward (CURE: 512)")
     one_shot_index: int = opt(-1, "one-shot RLVR: train on this one problem of the stream, repeated (-1 = off)")
     tool: bool = opt(False, "let the policy call the calculator (<calc> EXPR </calc>); tool tokens get no gradient")
@@ -138,7 +154,7 @@ class RLConfig:
         if self.cure and self.cure_n1 < 2 and self.cure_n2 < 1:
             raise SaetuneError("a CURE group needs n1 + n1*n2 ≥ 2 responses")
         for name in ("max_new_tokens", "overlong_buffer", "eval_problems", "trace_every", "checkpoint_every",
-                     "keep_checkpoints", "threads", "cure_stage1_steps", "max_tool_calls"):
+                     "keep_checkpoints", "threads", "cure_stage1_steps", "max_tool_calls", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise SaetuneError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
         if self.log_every < 1:
@@ -154,6 +170,15 @@ class RLConfig:
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise SaetuneError(f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards "
                                f"{self.rewards}; give one weight per reward or none")
+        if isinstance(self.cure_prompt_window, bool) or not isinstance(self.cure_prompt_window, int) \
+                or self.cure_prompt_window < 1:
+            raise SaetuneError(f"cure_prompt_window must be an integer of at least 1, got {self.cure_prompt_window!r}")
+        if self.rpr_mode != "add" and "rpr" not in self.rewards:
+            raise SaetuneError(f"rpr_mode={self.rpr_mode!r} decides how the 'rpr' reward joins correctness, but "
+                               f"rewards {self.rewards} has no 'rpr'; add it or leave rpr_mode at 'add'")
+        if self.rpr_mode == "wrong_only" and "correctness" not in self.rewards:
+            raise SaetuneError(f"rpr_mode='wrong_only' gives wrong answers their RPR, which needs the 'correctness' "
+                               f"reward; rewards are {self.rewards}")
         if "overlong" in self.rewards and self.overlong_buffer < 1:
             raise SaetuneError("the 'overlong' reward needs overlong_buffer ≥ 1 (DAPO: 4096, CURE: 512)")
         if self.loss_agg:
@@ -228,9 +253,18 @@ def _correctness_fn(dataset: str) -> Callable[..., float]:
     return correctness_reward
 
 
+def _signed(correct: Callable[..., float]) -> Callable[..., float]:
+    def signed_correct(response: str, answer) -> float:  # DAPO's math reward: +1 right, -1 wrong
+        return 1.0 if correct(response, answer) > 0.5 else -1.0
+    return signed_correct
+
+
 def reward_specs(cfg: RLConfig, max_new_tokens: int, extra: Mapping[str, Callable] | None = None) -> list[RewardSpec]:
     """The configured rewards as :class:`RewardSpec` s (built-ins, then ``extra`` by name)."""
-    builtin: dict[str, Callable] = {"correctness": _correctness_fn(cfg.dataset), "rpr": reasoning_pattern_reward}
+    correct = _correctness_fn(cfg.dataset)
+    if cfg.correctness_reward == "signed":
+        correct = _signed(correct)
+    builtin: dict[str, Callable] = {"correctness": correct, "rpr": reasoning_pattern_reward}
     if cfg.overlong_buffer:
         buf = min(cfg.overlong_buffer, max_new_tokens)
         builtin["overlong"] = lambda length: float(overlong_penalty([length], max_new_tokens, buf)[0])
@@ -285,6 +319,18 @@ def _samples(ro, problems, groups, contexts=None) -> list[Sample]:
     return out
 
 
+def cure_window(cfg: RLConfig, max_new: int) -> int:
+    """The branch prompt window: ``cure_prompt_window`` (CURE: 1,500 of a 4,096 context), capped at
+    ``context_size − max_new`` so that a branch's continuation keeps the whole response budget, as CURE's
+    branches do (their prompts fill the prompt width, their responses the response length)."""
+    room = cfg.context_size - max_new
+    if room < 1:
+        raise SaetuneError(f"CURE branches need a prompt window: context_size={cfg.context_size} leaves {room} tokens "
+                           f"besides the {max_new} new tokens of a continuation; raise context_size (CURE: 4096 = "
+                           "1500 prompt + 2596 response) or lower max_new_tokens")
+    return min(cfg.cure_prompt_window, room)
+
+
 def rollout_groups(policy, tok, cfg: RLConfig, problems: list[dict], params: SampleParams, seed: int,
                    use_cure: bool, gen: torch.Generator, tool=None) -> list[Sample]:
     """Sample the groups of ``problems``: G responses each, or a CURE group (n1 originals + n1·n2 branches)."""
@@ -297,7 +343,7 @@ def rollout_groups(policy, tok, cfg: RLConfig, problems: list[dict], params: Sam
     probs = [p for p in problems for _ in range(n1)]
     ro = sample(policy, tok, [p["prompt_ids"] for p in probs], params, seed, tool=tool)
     originals = _samples(ro, probs, [k // n1 for k in range(len(probs))])
-    window = max(1, cfg.context_size - 1)
+    window = cure_window(cfg, params.max_new_tokens)
     b_ctx, b_prob, b_src, b_prefix = [], [], [], []
     for k, s in enumerate(originals):
         pos, cands = _cure.select_critical_position(s.entropies, s.response_ids, tok, top_k=cfg.cure_top_k,
@@ -331,6 +377,15 @@ def rollout_groups(policy, tok, cfg: RLConfig, problems: list[dict], params: Sam
     return out
 
 
+def _with_rpr_mode(parts: dict[str, float], specs: list[RewardSpec], mode: str) -> float:
+    """The total reward with the weighted correctness and RPR parts joined by :func:`combine_rpr`
+    (every other reward is still added)."""
+    w = {sp.name: sp.weight for sp in specs}
+    rest = sum(w[n] * v for n, v in parts.items() if n not in ("correctness", "rpr"))
+    corr = w["correctness"] * parts["correctness"] if "correctness" in parts else 0.0
+    return rest + combine_rpr(corr, w["rpr"] * parts["rpr"], mode)
+
+
 def score_rewards(samples: list[Sample], specs: list[RewardSpec], cfg: RLConfig, tok, step: int) -> None:
     """Fill ``reward``, ``parts`` and ``correct`` of each sample; a failing reward fails the step."""
     for k, s in enumerate(samples):
@@ -344,6 +399,8 @@ def score_rewards(samples: list[Sample], specs: list[RewardSpec], cfg: RLConfig,
                                            tool_calls=s.tool_calls)
         except SaetuneError as e:
             raise SaetuneError(f"step {step}: {e} (sample {k})") from e
+        if cfg.rpr_mode != "add" and "rpr" in parts:
+            total = _with_rpr_mode(parts, specs, cfg.rpr_mode)
         if not math.isfinite(total):
             raise SaetuneError(f"step {step}: the total reward of sample {k} is {total}; rewards must be finite")
         s.reward, s.parts = total, parts
@@ -379,8 +436,15 @@ def group_advantages(samples: list[Sample], cfg: RLConfig) -> torch.Tensor:
 
 
 def update(policy, opt, params, samples: list[Sample], cfg: RLConfig, pad_id: int, device,
-           ref=None) -> dict[str, float]:
-    """``ppo_epochs`` × ``mini_batches`` clipped policy-gradient steps on ``samples``; averaged metrics."""
+           ref=None, norm_length: int | None = None) -> dict[str, float]:
+    """``ppo_epochs`` × ``mini_batches`` clipped policy-gradient steps on ``samples``; averaged metrics.
+
+    ``norm_length``: Dr.GRPO's constant ``L`` of ``seq-mean-token-sum-norm`` — the run's max new
+    tokens (verl: the response length, TRL: ``max_completion_length``); never the padded width of a
+    mini-batch, which changes from batch to batch and holds the prompt too."""
+    if cfg.agg == "seq-mean-token-sum-norm" and not norm_length:
+        raise SaetuneError("seq-mean-token-sum-norm divides by a constant of the run: pass norm_length (the max new "
+                           "tokens), not the padded width of a batch")
     adv = group_advantages(samples, cfg)  # (B,)
     bt = batch_tensors(samples, pad_id)
     pg_keep = None
@@ -406,7 +470,8 @@ def update(policy, opt, params, samples: list[Sample], cfg: RLConfig, pad_id: in
                 clip_high=cfg.eps_high, dual_clip=cfg.dual_clip or None, agg=cfg.agg,
                 ref_logprobs=ref_lp[sl] if ref_lp is not None else None, kl_coef=cfg.kl_coef,
                 entropy=ent if cfg.entropy_coef else None, entropy_coef=cfg.entropy_coef, pg_coef=cfg.pg_coef,
-                pg_token_mask=pg_keep[sl].to(device) if pg_keep is not None else None)
+                pg_token_mask=pg_keep[sl].to(device) if pg_keep is not None else None,
+                norm_length=norm_length if cfg.agg == "seq-mean-token-sum-norm" else None)
             if not torch.isfinite(loss):
                 raise SaetuneError(f"non-finite loss ({loss.item()}); lower lr or check the rewards")
             gn = 0.0
@@ -438,6 +503,9 @@ def trace_record(s: Sample, tok, step: int, advantage: float | None, kept: bool)
         "step": step, "group": s.group, "prompt": s.problem["prompt"], "answer": str(s.problem["answer"]),
         "response": response, "tokens": [tok.decode([t], skip_special_tokens=False) for t in s.response_ids],
         "token_ids": list(s.response_ids), "logprobs": _r(s.logprobs), "entropies": _r(s.entropies),
+        # the tokens the response followed (a branch's prompt + prefix): the Traces page's feature overlay runs
+        # prompt_ids + token_ids through the model, which the prompt text re-tokenised would not reproduce
+        "prompt_ids": list(s.context_ids),
         "critical_candidates": list(s.critical_candidates or []), "critical_position": s.critical_position,
         "rpr_hits": {k: [list(sp) for sp in v] for k, v in reasoning_pattern_hits(response).items()},
         "reward": s.reward, "reward_parts": dict(s.parts or {}), "correct": s.correct,
@@ -538,6 +606,25 @@ def _load(cfg: RLConfig, device: str):
     return policy, tok
 
 
+def warmup_lr(cfg: RLConfig, step: int) -> float:
+    """The learning rate of 0-based ``step``: ``lr·s/warmup_steps`` while ``s < warmup_steps``, then ``lr`` —
+    verl's constant schedule with warm-up (stepped once per training step, so its first step has lr 0)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    return cfg.lr
+
+
+def filter_values(samples: list[Sample], metric: str) -> list[float]:
+    """What dynamic sampling compares within a group: ``acc`` (1 correct, 0 wrong: DAPO's and CURE's
+    ``filter_groups.metric=acc``) or the total ``reward``."""
+    if metric == "reward":
+        return [s.reward for s in samples]
+    if any("correctness" not in (s.parts or {}) for s in samples):
+        raise SaetuneError("filter_metric='acc' drops groups whose answers are all correct or all wrong, which needs "
+                           "the 'correctness' reward; add it to rewards or set filter_metric: reward")
+    return [float(s.correct) for s in samples]
+
+
 def train_step(ctx: dict[str, Any], step: int) -> dict[str, Any]:
     """Run 0-based ``step``: rollout, rewards, dynamic sampling, update; returns its metrics row."""
     cfg: RLConfig = ctx["cfg"]
@@ -566,7 +653,7 @@ def train_step(ctx: dict[str, Any], step: int) -> dict[str, Any]:
         batches += 1
         sampled += smp
         if cfg.dynamic:
-            keep = dynamic_sampling_filter([s.reward for s in smp], [s.group for s in smp])
+            keep = dynamic_sampling_filter(filter_values(smp, cfg.filter_metric), [s.group for s in smp])
             kept += [s for s, f in zip(smp, keep.tolist()) if f]
             if len({s.group for s in kept}) >= cfg.prompts_per_step:
                 break
@@ -578,8 +665,12 @@ def train_step(ctx: dict[str, Any], step: int) -> dict[str, Any]:
         kept = [s for s in kept if s.group in set(groups)]
     row: dict[str, Any] = {"step": step + 1}
     t0 = time.perf_counter()
+    lr = warmup_lr(cfg, step)
+    for g in ctx["opt"].param_groups:
+        g["lr"] = lr
     if kept:
-        row.update(update(policy, ctx["opt"], ctx["params_list"], kept, cfg, ctx["pad_id"], ctx["device"], ctx["ref"]))
+        row.update(update(policy, ctx["opt"], ctx["params_list"], kept, cfg, ctx["pad_id"], ctx["device"], ctx["ref"],
+                          norm_length=ctx["max_new"]))
     times["update"] = time.perf_counter() - t0
     ctx["tokens"] += sum(int(sum(s.policy_mask)) for s in kept)
     # metrics over every sampled response of the step
@@ -600,9 +691,15 @@ def train_step(ctx: dict[str, Any], step: int) -> dict[str, Any]:
         "groups_sampled": batches * cfg.prompts_per_step, "groups_kept": len({s.group for s in kept}),
         "sample_batches": batches,
     })
+    row["lr"] = lr
     if use_cure:
         br = [s for s in sampled if s.is_branch]
         row["branch_accuracy"] = sum(s.correct for s in br) / max(len(br), 1)
+        window = cure_window(cfg, ctx["max_new"])
+        row["cure_prompt_window"] = window
+        pos = {(o.group, o.source): o.critical_position for o in originals}
+        # branches whose prefix the window cut short of the critical token
+        row["cure_prefix_cut_frac"] = sum(b.prefix_len < pos[b.group, b.source] for b in br) / max(len(br), 1)
         row["cure_no_candidate_frac"] = sum(not s.critical_candidates for s in originals) / max(len(originals), 1)
     row.update({f"seconds_{k}": round(v, 4) for k, v in times.items()})
     row["seconds_step"] = round(sum(times.values()), 4)
@@ -654,6 +751,8 @@ def setup(cfg: RLConfig, device: str = "cpu", reward_fns: Mapping[str, Callable]
     else:
         stop_ids = ()
         max_new = cfg.max_new_tokens or 1024
+    if cfg.cure:
+        cure_window(cfg, max_new)  # fails here, before any sampling, when the context leaves no window
     ref = None
     if cfg.kl_coef:
         from saetune.models import load_model

@@ -26,6 +26,7 @@ class KnownBenchmark:
     split: str
     problem_field: str = "problem"
     answer_field: str = "answer"
+    config: str | None = None  # the hub dataset's config name, if it has several
 
 
 KNOWN_BENCHMARKS: dict[str, KnownBenchmark] = {
@@ -35,10 +36,28 @@ KNOWN_BENCHMARKS: dict[str, KnownBenchmark] = {
     "math500": KnownBenchmark("math500.jsonl", "HuggingFaceH4/MATH-500", "test"),
     "minerva": KnownBenchmark("minervamath.jsonl", "knoveleng/Minerva-Math", "train", answer_field="solution"),
     "math-beyond": KnownBenchmark(None, "brendel-group/MATH-Beyond", "test"),
+    # multiple choice, gated on the hub: accept its terms there, or keep a local JSONL with its field names
+    "gpqa": KnownBenchmark("gpqa_diamond.jsonl", "Idavidrein/gpqa", "train", "Question", "Correct Answer",
+                           config="gpqa_diamond"),
+    "gpqa_diamond": KnownBenchmark("gpqa_diamond.jsonl", "Idavidrein/gpqa", "train", "Question", "Correct Answer",
+                                   config="gpqa_diamond"),
 }
-#: Resa's math benchmarks (SPEC_RESA.md; GPQA-Diamond is multiple choice and not graded here).
+#: Resa's math benchmarks (SPEC_RESA.md); the sixth column of its average, GPQA-Diamond, is named apart.
 RESA_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva")
+GPQA_NAMES = ("gpqa", "gpqa_diamond")
+#: GPQA's field names (its CSV headers, kept by the hub dataset): the question, the answer, three distractors.
+GPQA_FIELDS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 BENCHMARKS_DIR_ENV = "SAETUNE_BENCHMARKS_DIR"
+
+
+def canonical_benchmark(name: str) -> str | None:
+    """The known benchmark a name or a local file's stem stands for (``amc2023`` → ``amc23``), else ``None``."""
+    if name in KNOWN_BENCHMARKS:
+        return name
+    for known, k in KNOWN_BENCHMARKS.items():
+        if k.file and Path(k.file).stem == name:
+            return known
+    return None
 
 
 def _iter_jsonl(path: Path):
@@ -56,7 +75,7 @@ def _iter_jsonl(path: Path):
 
 
 def load_benchmark(source: str, problem_field: str = "problem", answer_field: str = "answer",
-                   limit: int = 0, split: str = "train") -> list[dict[str, str]]:
+                   limit: int = 0, split: str = "train", keep: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """Rows ``{"problem": str, "answer": str}`` from a local JSONL/JSON/Parquet file or a HF id.
 
     A JSONL row missing ``problem_field`` or ``answer_field`` is an error naming the file's line,
@@ -64,7 +83,8 @@ def load_benchmark(source: str, problem_field: str = "problem", answer_field: st
     sources name the row.
     A null answer becomes ``""`` (an unparsable gold: counted by :func:`run`, not an error).
     Answers are stringified (some datasets store AIME answers as ints); ``limit`` > 0 keeps the
-    first rows. Hub ids are read through :func:`saetune.data.read_records`.
+    first rows. Hub ids are read through :func:`saetune.data.read_records`. Fields named in
+    ``keep`` are copied as strings too, where a row has them (e.g. ``solution``).
     """
     p = Path(source).expanduser()
     if p.suffix == ".jsonl" and p.exists():
@@ -90,7 +110,45 @@ def load_benchmark(source: str, problem_field: str = "problem", answer_field: st
                                f"{'null' if problem is None else 'empty'}; every row needs a problem text "
                                "(fix or drop that row)")
         answer = row[answer_field]
-        out.append({"problem": str(row[problem_field]), "answer": "" if answer is None else str(answer).strip()})
+        out.append({"problem": str(row[problem_field]), "answer": "" if answer is None else str(answer).strip(),
+                    **{k: str(row[k]) for k in keep if row.get(k) is not None}})
+    return out
+
+
+def is_gpqa_file(source: str) -> bool:
+    """Whether a local file's first record carries GPQA's field names."""
+    from .data import read_records
+    p = Path(source).expanduser()
+    if not p.is_file():
+        return False
+    try:
+        first = read_records(str(p), limit=1)[0]
+    except (SaetuneError, IndexError):
+        return False
+    return isinstance(first, dict) and all(f in first for f in GPQA_FIELDS)
+
+
+def load_gpqa(source: str, limit: int = 0, split: str = "train", config: str | None = None) -> list[dict[str, Any]]:
+    """GPQA rows ``{"question", "correct", "incorrect": [3 answers]}`` (texts stripped) from a local
+    JSONL/JSON/Parquet file or a hub id (``Idavidrein/gpqa``, config ``gpqa_diamond``; gated: accept its
+    terms on the hub and log in, or pass a local file). A record missing a field is named."""
+    from .data import read_records
+    try:
+        records = read_records(source, split=split, limit=limit, config=config)
+    except SaetuneError:
+        raise
+    except Exception as e:  # a gated or missing hub dataset: say what works instead
+        raise SaetuneError(f"could not read GPQA from {source!r} ({type(e).__name__}: {e}); the hub dataset is "
+                           "gated: accept its terms on huggingface.co and log in, or pass a local JSONL whose "
+                           f"records have the fields {', '.join(GPQA_FIELDS)}") from None
+    out = []
+    for i, row in enumerate(records):
+        missing = [f for f in GPQA_FIELDS if not isinstance(row, dict) or row.get(f) is None]
+        if missing:
+            raise SaetuneError(f"GPQA source {source!r} record {i} lacks {missing}; a GPQA record has the fields "
+                               f"{', '.join(GPQA_FIELDS)}")
+        out.append({"question": str(row["Question"]).strip(), "correct": str(row["Correct Answer"]).strip(),
+                    "incorrect": [str(row[f"Incorrect Answer {j}"]).strip() for j in (1, 2, 3)]})
     return out
 
 
@@ -104,7 +162,8 @@ def resolve_benchmark(spec: str, benchmarks_dir: str = "") -> tuple[str, str, st
 
     ``spec`` is ``toy``; a local file; a known name (``aime24``, ``aime25``, ``amc23``,
     ``math500``, ``minerva``, ``math-beyond``) found as its file in ``benchmarks_dir`` (or
-    ``$SAETUNE_BENCHMARKS_DIR``), else read from its hub dataset; or any hub dataset id (known ids
+    ``$SAETUNE_BENCHMARKS_DIR``), else read from its hub dataset (``gpqa`` / ``gpqa_diamond``: the file
+    ``gpqa_diamond.jsonl``, else ``Idavidrein/gpqa``); or any hub dataset id (known ids
     get their split and fields). Fields and split are empty when the caller's defaults apply.
     """
     if spec == "toy":
@@ -120,7 +179,8 @@ def resolve_benchmark(spec: str, benchmarks_dir: str = "") -> tuple[str, str, st
         known = KNOWN_BENCHMARKS[spec]
         d = _benchmarks_dir(benchmarks_dir)
         if d is not None and known.file and (d / known.file).exists():
-            return spec, str(d / known.file), "", "problem", "answer"
+            return (spec, str(d / known.file), "", *(("problem", "answer") if spec not in GPQA_NAMES
+                                                      else (known.problem_field, known.answer_field)))
         return spec, known.hub_id, known.split, known.problem_field, known.answer_field
     if "/" in spec and not spec.startswith((".", "/", "~")) and not p.suffix:
         return spec, spec, "", "", ""

@@ -118,7 +118,7 @@ def cmd_toy_build(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import compare, format_table, run
     if args.compare:
-        print(format_table(compare(args.compare, metric=args.metric)))
+        print(format_table(compare(args.compare, metric=args.metric, allow_mixed_presets=args.allow_mixed_presets)))
         return
     cfg, out, resume = _resolve(args)
     results = run(cfg, out, resume=resume, overwrite=args.overwrite)
@@ -145,7 +145,7 @@ def cmd_pipeline(args) -> None:
 def cmd_verl_data(args) -> None:
     from saetune.rl.integrations.verl_run import write_verl_dataset
     _print_json(write_verl_dataset(args.source, args.out, limit=args.limit, rpr_weight=args.rpr_weight,
-                                   seed=args.seed, split=args.split))
+                                   seed=args.seed, split=args.split, rpr_mode=args.rpr_mode))
 
 
 def cmd_verl_train(args) -> None:
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print a table of these eval run dirs (or "
                    "parents of eval run dirs) instead of evaluating")
     p.add_argument("--metric", default="pass@1", help="metric of the --compare table: pass@1, avg@k or pass@k:K")
+    p.add_argument("--allow-mixed-presets", action="store_true", help="--compare: show runs of different eval presets "
+                   "side by side (refused otherwise: their numbers do not compare); the table then says so")
     p.set_defaults(fn=cmd_eval)
     from saetune.analysis.feature_build import FeaturesConfig
     p = _verb(sub, "features", FeaturesConfig, "precompute per-feature explorer data (density, histograms, contexts, "
@@ -224,11 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_rl)
     p = sub.add_parser("verl-data", help="write a benchmark or the toy task as verl's RL parquet",
                        description="One row per problem: data_source, prompt (chat), ability, reward_model "
-                                   "(ground_truth) and extra_info (index, rpr_weight).")
+                                   "(ground_truth) and extra_info (index; rpr_weight, rpr_mode when given).")
     p.add_argument("source", help="toy, a benchmark name (math500, aime24, ...), a JSONL/Parquet file or a hub id")
     p.add_argument("--out", required=True, metavar="FILE.parquet", help="parquet file to write")
     p.add_argument("--limit", type=int, default=0, help="keep the first N problems (toy: draw N, default 1024)")
-    p.add_argument("--rpr-weight", type=float, default=0.0, help="weight of the reasoning-pattern reward per row")
+    p.add_argument("--rpr-weight", type=float, default=None,
+                   help="weight of the reasoning-pattern reward per row (default: 0 with rpr mode add, else 1)")
+    p.add_argument("--rpr-mode", choices=["add", "wrong_only", "alone"], default=None,
+                   help="how RPR joins correctness: wrong_only = wrong answers get their RPR (the noisy-rewards "
+                        "paper), alone = RPR only, add = summed (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the toy problems")
     p.add_argument("--split", default="train", help="dataset split to read (hub ids) and record")
     p.set_defaults(fn=cmd_verl_data)

@@ -20,12 +20,14 @@ from .config import opt
 from .errors import SaetuneError
 from .io import iter_lines_utf8, read_text_utf8
 
+# The reference's system prompt byte for byte: it opens with a newline and breaks its lines. STILL's
+# problems are short, so this is a large share of every packed chunk; a paraphrase changes the tokens.
 R1_ZERO_SYSTEM = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
-    "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
-    "</answer>.\n"
+    "\nA conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
+    "The assistant first thinks about the reasoning process in the mind and then provides the user\n"
+    "with the answer. The reasoning process and answer are enclosed within <think> </think> and\n"
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think>\n"
+    "<answer> answer here </answer>.\n"
 )
 
 
@@ -33,6 +35,20 @@ def resa_text(problem: str, answer: str) -> str:
     """Resa's Stage I/II training text: R1-Zero system prompt, the question, the answer as the 'thought'."""
     return (f"{R1_ZERO_SYSTEM}User:\n {problem}\n\nAssistant:\n <think> {answer} </think>\n"
             f"<answer> Answer: {answer}</answer>")
+
+
+# The reference reads a record's question from `problem`, else `question`, else `prompt`.
+PROBLEM_FALLBACKS = ("question", "prompt")
+
+
+def problem_field_of(row: dict[str, Any], field: str) -> str:
+    """The field holding ``row``'s question: ``field``, or for the default ``problem`` (absent or null)
+    the first of ``question`` / ``prompt`` that the record has, as the reference reads it."""
+    if field == "problem" and row.get(field) is None:
+        for alt in PROBLEM_FALLBACKS:
+            if row.get(alt) is not None:
+                return alt
+    return field
 
 
 def chat_text(tokenizer, problem: str, response: str | None = None) -> str:
@@ -58,7 +74,8 @@ class DataConfig:
                 "template), 'plain' (text_field as is); 'auto' = plain for 'toy' and records with text_field, "
                 "else resa")
     text_field: str = opt("text", "field holding ready text (template 'plain')")
-    problem_field: str = opt("problem", "field holding the question (templates 'resa', 'chat')")
+    problem_field: str = opt("problem", "field holding the question (templates 'resa', 'chat'); the default "
+                                        "'problem' falls back to 'question', then 'prompt', as in the reference")
     answer_field: str = opt("answer", "field holding the answer (templates 'resa', 'chat')")
     response_field: str = opt("", "field holding a response to append after the chat prompt (optional)")
     context_size: int = opt(128, "tokens per packed chunk (Resa: 2048)")
@@ -66,8 +83,9 @@ class DataConfig:
     data_seed: int = opt(0, "seed of the toy traces")
 
 
-def read_records(source: str, split: str = "train", limit: int = 0, seed: int = 0) -> list[dict[str, Any]]:
-    """Records from 'toy', a local JSONL/JSON/Parquet file, or a HF dataset id."""
+def read_records(source: str, split: str = "train", limit: int = 0, seed: int = 0,
+                 config: str | None = None) -> list[dict[str, Any]]:
+    """Records from 'toy', a local JSONL/JSON/Parquet file, or a HF dataset id (``config``: its config name)."""
     if source in ("toy", "toy-cotfree"):
         from .toy import examples
         from .toy.task import cot_free
@@ -98,7 +116,7 @@ def read_records(source: str, split: str = "train", limit: int = 0, seed: int = 
         else:
             raise SaetuneError(f"dataset file {source!r} has suffix {p.suffix!r}; valid: .jsonl, .json, .parquet")
     else:
-        rows = _read_hub(source, split)
+        rows = _read_hub(source, split, config)
     if limit:
         rows = rows[:limit]
     if not rows:
@@ -106,7 +124,7 @@ def read_records(source: str, split: str = "train", limit: int = 0, seed: int = 
     return rows
 
 
-def _read_hub(source: str, split: str) -> list[dict[str, Any]]:
+def _read_hub(source: str, split: str, config: str | None = None) -> list[dict[str, Any]]:
     import re
     from .models import _hub_reachable
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
@@ -116,13 +134,13 @@ def _read_hub(source: str, split: str) -> list[dict[str, Any]]:
         try:
             import os
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-            ds = datasets.load_dataset(source, split=split)
+            ds = datasets.load_dataset(source, config, split=split)
         except Exception:
             raise SaetuneError(f"dataset {source!r} is not a local file, not in the local cache, and the hub is "
                                "unreachable; download it where there is network and pass a local .jsonl/.parquet")
     else:
         try:
-            ds = datasets.load_dataset(source, split=split)
+            ds = datasets.load_dataset(source, config, split=split)
         except ValueError as e:
             raise SaetuneError(f"dataset {source!r}: {e}") from None
     return [dict(r) for r in ds]
@@ -151,7 +169,8 @@ def record_texts(records: list[dict[str, Any]], cfg: DataConfig, tokenizer=None)
             raise SaetuneError(f"dataset {cfg.dataset!r}: {_where(cfg.dataset, i)} has no field {field!r} (needed by "
                                f"template {template!r}); fields present: {', '.join(map(str, row))}")
         value = row[field]
-        if value is None or (field == cfg.problem_field and not str(value).strip()):  # empty text rows are fine
+        is_problem = field == problem_field_of(row, cfg.problem_field)
+        if value is None or (is_problem and not str(value).strip()):  # empty text rows are fine
             raise SaetuneError(f"dataset {cfg.dataset!r}: in {_where(cfg.dataset, i)} field {field!r} is "
                                f"{'null' if value is None else 'empty'} (needed by template {template!r}); give "
                                f"every record a non-empty {field!r} or drop that record")
@@ -162,10 +181,11 @@ def record_texts(records: list[dict[str, Any]], cfg: DataConfig, tokenizer=None)
         if template == "plain":
             out.append(str(need(row, cfg.text_field, i)))
         elif template == "resa":
-            out.append(resa_text(str(need(row, cfg.problem_field, i)), str(need(row, cfg.answer_field, i))))
+            problem = str(need(row, problem_field_of(row, cfg.problem_field), i))
+            out.append(resa_text(problem, str(need(row, cfg.answer_field, i))))
         else:
             resp = str(need(row, cfg.response_field, i)) if cfg.response_field else None
-            out.append(chat_text(tokenizer, str(need(row, cfg.problem_field, i)), resp))
+            out.append(chat_text(tokenizer, str(need(row, problem_field_of(row, cfg.problem_field), i)), resp))
     return out
 
 

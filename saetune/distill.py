@@ -8,6 +8,10 @@ dropped; the gradient in the hidden states is formed in the same pass from the c
 loss's gradient in the logits, so the extra memory is O(chunk × V) instead of O(T × V) and no
 logits are recomputed. The values equal the materialised computation.
 
+Precision: by default the logits, softmaxes and KL are fp32, more exact than the reference, whose
+bf16 stack (model and ``kl_div`` in bfloat16) computes them in bf16. ``dtype=torch.bfloat16`` does
+that instead, block by block (``F.kl_div`` on bf16 softmaxes); the per-block sums are added in fp32.
+
 With z = h·Wᵀ (+ b) per position, p = softmax(z_teacher), log q = log_softmax(z_student)::
 
     KL(p ‖ q) = Σ_v p_v (log p_v − log q_v)          summed over positions (Resa: batchmean, batch 1)
@@ -21,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    z = h.float() @ weight.float().t()  # (n, V) in fp32, as the reference computes its KL
-    return z if bias is None else z + bias.float()
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:
+    z = h.to(dtype) @ weight.to(dtype).t()  # (n, V)
+    return z if bias is None else z + bias.to(dtype)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -37,7 +41,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s: Tensor, weight: Tensor, bias: Tensor | None, h_t: Tensor | None, targets: Tensor | None,
-                chunk: int, ignore_index: int):
+                chunk: int, ignore_index: int, dtype: torch.dtype = torch.float32):
         need_w = weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         n = h_s.shape[0]
@@ -48,13 +52,19 @@ class _FusedHeadLoss(torch.autograd.Function):
         w32 = weight.float()
         for i in range(0, n, chunk):
             hs = h_s[i:i + chunk]
-            log_q = F.log_softmax(_logits(hs, weight, bias), dim=-1)  # (c, V)
-            if h_t is not None:
+            if h_t is not None and dtype != torch.float32:  # the reference's bf16 KL: softmaxes and kl_div in dtype
+                log_q = F.log_softmax(_logits(hs, weight, bias, dtype), dim=-1)  # (c, V) in dtype
+                p = F.softmax(_logits(h_t[i:i + chunk], weight, bias, dtype), dim=-1)
+                total += F.kl_div(log_q, p, reduction="sum").float()
+                dz = (log_q.exp() - p).float()  # q − p, rounded as the reference's bf16 logits gradient
+            elif h_t is not None:
+                log_q = F.log_softmax(_logits(hs, weight, bias), dim=-1)  # (c, V)
                 log_p = F.log_softmax(_logits(h_t[i:i + chunk], weight, bias), dim=-1)
                 p = log_p.exp()
                 total += (p * (log_p - log_q)).sum()
                 dz = log_q.exp_().sub_(p)  # q − p
             else:
+                log_q = F.log_softmax(_logits(hs, weight, bias), dim=-1)  # (c, V)
                 y = targets[i:i + chunk]
                 valid = y != ignore_index
                 y0 = torch.where(valid, y, torch.zeros_like(y))
@@ -76,12 +86,15 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         dh, dw, db = ctx.dtypes
         return ((grad_h * g).to(dh), None if grad_w is None else (grad_w * g).to(dw),
-                None if grad_b is None else (grad_b * g).to(db), None, None, None, None)
+                None if grad_b is None else (grad_b * g).to(db), None, None, None, None, None)
 
 
 def kl_from_hidden(h_teacher: Tensor, h_student: Tensor, weight: Tensor, bias: Tensor | None = None,
-                   chunk: int = 1024) -> Tensor:
-    """Σ over positions of KL(softmax(h_teacher·Wᵀ) ‖ softmax(h_student·Wᵀ)), fp32, a block at a time.
+                   chunk: int = 1024, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Σ over positions of KL(softmax(h_teacher·Wᵀ) ‖ softmax(h_student·Wᵀ)), a block at a time.
+
+    ``dtype``: of the logits, softmaxes and KL — float32 (default; more exact than the reference) or
+    bfloat16 (as the reference's bf16 stack: ``F.kl_div`` of bf16 log-softmax and softmax).
 
     ``h_teacher``, ``h_student``: (..., D), same shape; ``weight``: (V, D) LM head. Gradient
     flows to ``h_student`` (and ``weight``/``bias`` if they require it, through the student's logits);
@@ -93,7 +106,9 @@ def kl_from_hidden(h_teacher: Tensor, h_student: Tensor, weight: Tensor, bias: T
                          f"{tuple(h_student.shape)}")
     t = h_teacher.detach().reshape(-1, h_teacher.shape[-1])
     s = h_student.reshape(-1, h_student.shape[-1])
-    return _FusedHeadLoss.apply(s, weight, bias, t, None, chunk, -100)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"kl_from_hidden computes in float32 or bfloat16, not {dtype}")
+    return _FusedHeadLoss.apply(s, weight, bias, t, None, chunk, -100, dtype)
 
 
 def ce_from_hidden(h_student: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -103,4 +118,4 @@ def ce_from_hidden(h_student: Tensor, targets: Tensor, weight: Tensor, bias: Ten
     y = targets.reshape(-1)
     if y.shape[0] != s.shape[0]:
         raise ValueError(f"{y.shape[0]} targets for {s.shape[0]} hidden states")
-    return _FusedHeadLoss.apply(s, weight, bias, None, y, chunk, ignore_index)
+    return _FusedHeadLoss.apply(s, weight, bias, None, y, chunk, ignore_index, torch.float32)

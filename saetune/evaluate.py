@@ -6,7 +6,10 @@
   backend of :mod:`saetune.generation`, grades, and writes ``eval/results.json`` and
   ``eval/samples.jsonl`` into a run dir (resumable per batch);
 - :func:`compare` and :func:`format_table` put several eval runs side by side (base / source /
-  SAE-tuned / controls).
+  SAE-tuned / controls);
+- presets (:mod:`saetune.eval_presets`, re-exported :func:`prompt_messages`): ``saetune`` (the
+  default, strict grading) or ``resa`` (the reference evaluation behind Resa's table); GPQA-Diamond
+  (multiple choice) under both.
 
 Grading lives in :mod:`saetune.grading` (:func:`is_correct`, :func:`gold_parses`, what part of a
 response is graded) and the numbers in :mod:`saetune.scoring` (:func:`pass_at_k`,
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -28,13 +32,15 @@ from .config import opt
 from .errors import SaetuneError
 from .grading import Grader, extract_graded_text, gold_parses, is_correct, last_answer_tag, last_boxed, normalize_answer
 from .scoring import avg_at_k, default_ks, pass_at_k, summarize
-from .benchmarks import (BENCHMARKS_DIR_ENV, BOXED_INSTRUCTION, KNOWN_BENCHMARKS, RESA_BENCHMARKS, KnownBenchmark,
-                         load_benchmark, resolve_benchmark)
+from .benchmarks import (BENCHMARKS_DIR_ENV, BOXED_INSTRUCTION, GPQA_NAMES, KNOWN_BENCHMARKS, RESA_BENCHMARKS,
+                         KnownBenchmark, canonical_benchmark, is_gpqa_file, load_benchmark, load_gpqa,
+                         resolve_benchmark)
+from .eval_presets import PRESETS, prompt_messages
 
 __all__ = [
     "extract_graded_text", "last_boxed", "last_answer_tag", "normalize_answer", "is_correct", "gold_parses",
     "pass_at_k", "avg_at_k", "summarize", "load_benchmark", "resolve_benchmark", "KNOWN_BENCHMARKS",
-    "EvalConfig", "resolve_model", "run", "read_samples", "compare", "format_table",
+    "EvalConfig", "resolve_model", "run", "read_samples", "compare", "format_table", "prompt_messages", "PRESETS",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -54,17 +60,25 @@ class EvalConfig:
     base_model: str = opt("", "base model for an adapter/ (default: the adapter's base_model_name_or_path)")
     label: str = opt("", "row label in comparison tables, e.g. base, source, SAE-tuned, control "
                          "(default: the run dir's name)")
+    preset: Literal["saetune", "resa"] = opt(
+        "saetune", "how prompts are made and answers graded: 'saetune' (the problem + a boxed instruction; strict: "
+                   "the last box after </think> against the answer field) or 'resa' (the reference evaluation of "
+                   "Resa's table: its prompt, golds from answer or solution, math-verify over the whole response, "
+                   "32,768 tokens in total, 4,096 for Qwen2.5-Math-1.5B); results of different presets do not compare")
     benchmarks: list[str] = opt(factory=list, help=(
         "benchmarks: 'toy' (exact-match toy task), known names aime24 aime25 amc23 math500 minerva "
-        "math-beyond, local .jsonl/.json/.parquet files, or hub dataset ids (e.g. brendel-group/MATH-Beyond); "
-        "empty = 'toy' for a toy model, else aime24 aime25 amc23 math500 minerva"))
+        "math-beyond gpqa (GPQA-Diamond, multiple choice; gated on the hub, or gpqa_diamond.jsonl in "
+        "benchmarks_dir), local .jsonl/.json/.parquet files (GPQA's field names make a GPQA file), or hub "
+        "dataset ids (e.g. brendel-group/MATH-Beyond); empty = 'toy' for a toy model, else aime24 aime25 amc23 "
+        "math500 minerva"))
     benchmarks_dir: str = opt("", "dir holding the known benchmarks' JSONL files (default: $SAETUNE_BENCHMARKS_DIR; "
                                   "names not found there are read from the hub)")
     split: str = opt("test", "split of a hub dataset that is not a known benchmark")
     problem_field: str = opt("problem", "problem field of benchmark files and unknown hub datasets")
     answer_field: str = opt("answer", "gold answer field of benchmark files and unknown hub datasets")
-    add_instruction: bool = opt(True, "append 'Please reason step by step, and put your final answer within "
-                                      "\\boxed{}.' to math problems that do not mention \\boxed")
+    add_instruction: bool = opt(True, "preset saetune: append 'Please reason step by step, and put your final "
+                                      "answer within \\boxed{}.' to math problems that do not mention \\boxed "
+                                      "(preset resa cuts such a trailing instruction instead)")
     limit: int = opt(0, "evaluate only the first N problems of each benchmark (0 = all)")
     toy_problems: int = opt(256, "problems of the 'toy' benchmark (fresh ones, not the training stream)")
     template: Literal["chat", "r1zero", "raw"] = opt(
@@ -114,6 +128,11 @@ class EvalConfig:
                                f"gpu_hour_usd={self.gpu_hour_usd} not negative")
         if len(set(self.benchmarks)) != len(self.benchmarks):
             raise SaetuneError(f"benchmarks {self.benchmarks} name one benchmark twice")
+        if self.preset not in PRESETS:
+            raise SaetuneError(f"preset {self.preset!r}; valid: {', '.join(PRESETS)}")
+        if self.preset == "resa" and self.template != "chat":
+            raise SaetuneError(f"preset 'resa' sends its prompt through the chat template; template={self.template!r} "
+                               "contradicts it (drop template, or use preset 'saetune')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,13 +183,25 @@ def _is_toy_tokenizer(tokenizer) -> bool:
 
 @dataclass
 class _Bench:
+    """One benchmark, ready to sample: each row holds ``user`` (the user message / prompt text before
+    the template), ``gold`` (as graded), ``gold_source`` and ``prompt_edits`` (what was done to the
+    file's text), and for GPQA ``choices`` (A–D as shown)."""
+
     name: str
     source: str
-    rows: list[dict[str, str]]
+    rows: list[dict[str, Any]]
     toy: bool  # exact-match toy grader instead of math-verify
+    kind: str = "saetune"  # grading kind of eval_presets.grade_one (toy: "toy")
+
+
+GRADERS = {"toy": "toy exact match", "saetune": "math-verify",
+           "expr": "math-verify (resa: the answer field parsed as an expression)",
+           "latex": "math-verify (resa: the boxed LaTeX answer of the solution)",
+           "letter": "letter match ('Answer: X')"}
 
 
 def _load_benchmarks(cfg: EvalConfig, toy_model: bool) -> list[_Bench]:
+    from .eval_presets import _user_message, gpqa_choices, gpqa_prompt, resa_gold, resa_gold_kind
     from .toy.build import EVAL_SEED_OFFSET
 
     specs = list(cfg.benchmarks) or (["toy"] if toy_model else list(RESA_BENCHMARKS))
@@ -181,18 +212,36 @@ def _load_benchmarks(cfg: EvalConfig, toy_model: bool) -> list[_Bench]:
             raise SaetuneError(f"two benchmarks resolve to the name {name!r}; rename one of the files")
         names.add(name)
         if source == "toy":
+            if cfg.preset != "saetune":
+                raise SaetuneError(f"benchmark 'toy' has its own format and exact-match grader; preset "
+                                   f"{cfg.preset!r} applies to math benchmarks and gpqa (use preset 'saetune' for toy)")
             from .toy import task
             n = min(cfg.toy_problems, cfg.limit) if cfg.limit else cfg.toy_problems
-            rows = [{"problem": e["problem"], "answer": e["answer"]} for e in task.examples(n, EVAL_SEED_OFFSET)]
-            out.append(_Bench(name, source, rows, toy=True))
+            rows = [{"problem": e["problem"], "answer": e["answer"], "user": e["problem"], "gold": e["answer"],
+                     "gold_source": "answer", "prompt_edits": []} for e in task.examples(n, EVAL_SEED_OFFSET)]
+            out.append(_Bench(name, source, rows, toy=True, kind="toy"))
+            continue
+        local = Path(source).expanduser().exists()
+        if canonical_benchmark(name) in GPQA_NAMES or (local and is_gpqa_file(source)):
+            config = None if local else KNOWN_BENCHMARKS["gpqa"].config
+            rows = []
+            for i, r in enumerate(load_gpqa(source, cfg.limit, split or "train", config)):
+                choices, letter = gpqa_choices(r["correct"], r["incorrect"], cfg.seed, i)
+                rows.append({"problem": r["question"], "answer": r["correct"],
+                             "user": gpqa_prompt(r["question"], choices), "gold": letter, "gold_source": "letter of 'Correct Answer' (seeded place)",
+                             "choices": choices, "prompt_edits": []})
+            out.append(_Bench(name, source, rows, toy=False, kind="letter"))
             continue
         rows = load_benchmark(source, pf or cfg.problem_field, af or cfg.answer_field, cfg.limit,
-                              split or cfg.split)
-        if cfg.add_instruction:
-            for r in rows:
-                if "\\boxed" not in r["problem"]:
-                    r["problem"] = f"{r['problem'].rstrip()}\n{BOXED_INSTRUCTION}"
-        out.append(_Bench(name, source, rows, toy=False))
+                              split or cfg.split, keep=("solution",) if cfg.preset == "resa" else ())
+        kind = "saetune" if cfg.preset == "saetune" else resa_gold_kind(name)
+        for r in rows:
+            r["user"], r["prompt_edits"] = _user_message(r["problem"], cfg.preset, cfg.add_instruction)
+            if kind == "saetune":
+                r["gold"], r["gold_source"] = r["answer"], af or cfg.answer_field
+            else:
+                r["gold"], r["gold_source"] = resa_gold(r, kind)
+        out.append(_Bench(name, source, rows, toy=False, kind=kind))
     return out
 
 
@@ -256,7 +305,7 @@ def _sample_seed(seed: int, bench: str, problem: int, sample: int) -> int:
     return zlib.crc32(f"{seed}:{bench}:{problem}:{sample}".encode())
 
 
-def _build_backend(cfg: EvalConfig, where: dict[str, Any], device: str, batch: int):
+def _build_backend(cfg: EvalConfig, where: dict[str, Any], device: str, batch: int, total: int = 0):
     from .generation import HFBackend, VLLMBackend
 
     if cfg.backend == "vllm":
@@ -265,8 +314,8 @@ def _build_backend(cfg: EvalConfig, where: dict[str, Any], device: str, batch: i
                                "use backend 'hf'")
         return VLLMBackend(where["path"], cfg.tensor_parallel_size, cfg.data_parallel_size, dtype=cfg.dtype,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed,
-                           trust_remote_code=cfg.trust_remote_code, max_model_len=cfg.max_model_len or None,
-                           template=cfg.template)
+                           trust_remote_code=cfg.trust_remote_code,
+                           max_model_len=cfg.max_model_len or total or None, template=cfg.template)
     from .models import load_model, load_tokenizer
     model, tok = load_model(where["path"], dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
     if where["adapter"]:
@@ -282,7 +331,7 @@ def _build_backend(cfg: EvalConfig, where: dict[str, Any], device: str, batch: i
 # --------------------------------------------------------------------------------------------
 
 def _entry(bench: _Bench, rows: list[dict[str, Any]], cfg: EvalConfig, phases: dict[str, float],
-           unparsable: list[int]) -> dict[str, Any]:
+           unparsable: list[int], preset: dict[str, Any]) -> dict[str, Any]:
     """One benchmark's results entry from its sample rows."""
     s = cfg.samples
     correct = [[False] * s for _ in bench.rows]
@@ -297,7 +346,12 @@ def _entry(bench: _Bench, rows: list[dict[str, Any]], cfg: EvalConfig, phases: d
     grade_s = phases.get(f"grade:{bench.name}", 0.0)
     entry.update({
         "source": bench.source,
-        "grader": "toy exact match" if bench.toy else "math-verify",
+        "preset": cfg.preset,
+        "grader": GRADERS[bench.kind],
+        "gold_sources": dict(Counter(r["gold_source"] for r in bench.rows)),
+        "prompt_edits": dict(Counter(e for r in bench.rows for e in r["prompt_edits"])),
+        "max_new_tokens": preset["max_new_tokens"], "max_total_tokens": preset["max_total_tokens"],
+        "deviations": preset["deviations"],
         "unparsable_gold": len(unparsable), "unparsable_gold_problems": unparsable,
         "truncated_samples": truncated,
         "mean_response_tokens": round(tokens / max(len(rows), 1), 2),
@@ -333,18 +387,51 @@ def _model_provenance(run_dir: Path) -> dict[str, Any]:
             **{k: round(sum(st[k] for st in stages), 6) for k in ("wall_seconds", "gpu_hours", "estimated_cost_usd")}}
 
 
+def _preset_settings(cfg: EvalConfig, where: dict[str, Any]) -> dict[str, Any]:
+    """The preset's name, token limits and where this run departs from it (``deviations``, sentences).
+
+    ``resa``: 32,768 tokens in total and as new tokens (4,096 when the model's name says
+    Qwen2.5-Math-1.5B); a smaller ``max_new_tokens``, another temperature or top-p, or a vLLM
+    ``max_model_len`` other than the total is recorded as a deviation from the reference.
+    """
+    from .eval_presets import resa_lengths
+
+    if cfg.preset != "resa":
+        return {"name": cfg.preset, "max_new_tokens": cfg.max_new_tokens, "max_total_tokens": None,
+                "deviations": []}
+    total = resa_lengths([cfg.model, cfg.base_model, where.get("path"), where.get("adapter")])
+    deviations = []
+    if cfg.max_new_tokens < total:
+        deviations.append(f"max_new_tokens {cfg.max_new_tokens} (reference: {total})")
+    if cfg.temperature != 0.6:
+        deviations.append(f"temperature {cfg.temperature:g} (reference: 0.6)")
+    if cfg.top_p != 0.95:
+        deviations.append(f"top_p {cfg.top_p:g} (reference: 0.95)")
+    if cfg.backend == "vllm" and cfg.max_model_len and cfg.max_model_len != total:
+        deviations.append(f"max_model_len {cfg.max_model_len} (reference: {total})")
+    return {"name": "resa", "max_new_tokens": min(cfg.max_new_tokens, total), "max_total_tokens": total,
+            "deviations": deviations}
+
+
 def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
         backend: Any = None) -> dict[str, dict[str, Any]]:
     """Evaluate ``cfg.model`` on ``cfg.benchmarks`` into run dir ``out``; returns ``results.json``'s dict.
 
-    For each benchmark: render prompts (``cfg.template``), sample ``cfg.samples`` responses per
-    problem in chunks of ``cfg.batch_size``, grade each (the toy's exact match, or
-    :func:`is_correct` — in this thread when it is the main one, else in a worker process), and
-    append the chunk to ``eval/samples.jsonl`` (one row per sample: ``benchmark``,
-    ``problem_index``, ``sample_index``, ``prompt``, ``response``, ``gold``, ``correct``,
-    ``n_tokens``, ``truncated``). ``resume=True`` skips every sample already in that file.
-    ``eval/results.json`` maps each benchmark to :func:`summarize`'s entry plus
-    ``unparsable_gold`` (count) and throughput (``problems_per_s``, ``tokens_per_s``); the
+    For each benchmark: render prompts (``cfg.preset``'s user message through ``cfg.template``),
+    sample ``cfg.samples`` responses per problem in chunks of ``cfg.batch_size``, grade each as
+    the preset grades that benchmark (the toy's exact match, :func:`is_correct`, the resa
+    preset's math-verify set-up or GPQA's letter — in this thread when it is the main one, else
+    in a worker process), and append the chunk to ``eval/samples.jsonl`` (one row per sample:
+    ``benchmark``, ``problem_index``, ``sample_index``, ``preset``, ``prompt`` (the exact text
+    sent, after the template), ``prompt_edits`` (e.g. a stripped trailing instruction),
+    ``response``, ``gold`` (as graded), ``gold_source``, ``gold_extracted`` (what math-verify
+    read from the gold; resa and GPQA), ``extracted`` (the answer candidates read from the
+    response), ``correct``, ``n_tokens``, ``truncated``; GPQA rows add ``choices``, A–D as
+    shown). ``resume=True`` skips every sample already in that file.
+    ``eval/results.json`` maps each benchmark to :func:`summarize`'s entry plus ``preset``,
+    ``grader``, ``gold_sources`` and ``prompt_edits`` (counts over the problems), the token
+    limits and the ``deviations`` from the preset, ``unparsable_gold`` (count) and throughput
+    (``problems_per_s``, ``tokens_per_s``); the
     manifest records the same throughput, wall time per phase, GPU-hours and the cost at
     ``cfg.gpu_hour_usd`` ($SAETUNE_GPU_HOUR_USD overrides it). ``backend`` replaces the model
     loading (any object with the :class:`saetune.generation.Backend` interface).
@@ -378,13 +465,15 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
         m["model_run"] = _model_provenance(Path(where["run_dir"]))
         for rec in (m["model_run"], *m["model_run"]["stages"]):
             rec["path"] = record_path(rec["path"], run_dir.path)
+    preset = _preset_settings(cfg, where)
+    m["preset"] = preset
     batch = cfg.batch_size or (1024 if cfg.backend == "vllm" else 32)
     own_backend = backend is None
     grader = Grader(cfg.grade_workers, cfg.grade_timeout_s)
     try:
         with run_dir.phase("load"):
             if own_backend:
-                backend = _build_backend(cfg, where, device, batch)
+                backend = _build_backend(cfg, where, device, batch, preset["max_total_tokens"] or 0)
             benches = _load_benchmarks(cfg, cfg.model == "toy" or _is_toy_tokenizer(backend.tokenizer))
         if own_backend:
             run_dir.add_input("model", where["path"], digest=None if Path(where["path"]).exists() else "hub")
@@ -401,7 +490,7 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
         counts = {"samples": len(previous), "tokens": sum(int(r["n_tokens"]) for r in previous)}
         for b in benches:
             results[b.name] = _eval_benchmark(cfg, b, backend, run_dir, previous, batch, counts,  # extends previous
-                                              grader)
+                                              grader, preset)
             atomic_write_json(run_dir.path / RESULTS_FILE, results)  # finished benchmarks are readable early
         run_dir.add_artifact("results", RESULTS_FILE)
         run_dir.add_artifact("samples", SAMPLES_FILE)
@@ -423,16 +512,17 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
 
 
 def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list[dict[str, Any]], batch: int,
-                    counts: dict[str, int], grader: Grader) -> dict[str, Any]:
+                    counts: dict[str, int], grader: Grader, preset: dict[str, Any]) -> dict[str, Any]:
     """Sample, grade and record the samples of one benchmark that are not yet in the samples file."""
     from tqdm.auto import tqdm
 
+    from .eval_presets import gold_ok, grade_one
     from .generation import SamplingParams, render_prompt
 
     samples_path = run_dir.path / SAMPLES_FILE
     tok = backend.tokenizer
     stop: tuple[int, ...] = ()
-    max_new = cfg.max_new_tokens
+    max_new = preset["max_new_tokens"]
     if b.toy:
         from .toy import task
         from .toy.build import max_new_tokens as toy_max_new_tokens
@@ -440,16 +530,19 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
         stop = (int(close),) if close is not None and close != tok.unk_token_id else ()
         max_new = min(max_new, toy_max_new_tokens())
 
-        def grade_all(texts: list[str], golds: list[str]) -> list[bool]:
-            return [task.is_correct(t, g) for t, g in zip(texts, golds)]
+        def grade_all(texts: list[str], golds: list[str]) -> list[dict[str, Any]]:
+            return [{"correct": task.is_correct(t, g), "gold_extracted": None,
+                     "extracted": [x] if (x := task.extract_answer(t)) is not None else []}
+                    for t, g in zip(texts, golds)]
     else:
-        def grade_all(texts: list[str], golds: list[str]) -> list[bool]:
-            return grader.grade(texts, golds)
+        def grade_all(texts: list[str], golds: list[str]) -> list[dict[str, Any]]:
+            return grader.apply(grade_one, texts, golds, [b.kind] * len(texts))
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new,
-                            stop_token_ids=stop)
-    prompts = [render_prompt(tok, r["problem"], cfg.template) for r in b.rows]
+                            stop_token_ids=stop, max_total_tokens=preset["max_total_tokens"] or 0)
+    prompts = [render_prompt(tok, r["user"], cfg.template) for r in b.rows]
     with run_dir.phase(f"grade:{b.name}"):
-        parses = [True] * len(b.rows) if b.toy else grader.gold_parses([r["answer"] for r in b.rows])
+        golds = [r["gold"] for r in b.rows]
+        parses = [True] * len(b.rows) if b.toy else grader.map(gold_ok, golds, [b.kind] * len(golds))
         unparsable = [i for i, ok in enumerate(parses) if not ok]
     # longest prompts first: a batch pads little, and a too-long prompt fails at once
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -464,10 +557,16 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
             comps = backend.generate([prompts[p] for p, _ in chunk], params,
                                      [_sample_seed(cfg.seed, b.name, p, s) for p, s in chunk])
         with run_dir.phase(f"grade:{b.name}"):
-            correct = grade_all([c.text for c in comps], [b.rows[p]["answer"] for p, _ in chunk])
-        rows = [{"benchmark": b.name, "problem_index": p, "sample_index": s, "prompt": prompts[p],
-                 "response": c.text, "gold": b.rows[p]["answer"], "correct": bool(ok), "n_tokens": int(c.n_tokens),
-                 "truncated": bool(c.truncated)} for (p, s), c, ok in zip(chunk, comps, correct)]
+            graded = grade_all([c.text for c in comps], [b.rows[p]["gold"] for p, _ in chunk])
+        # every number can be audited: the exact prompt text (after the template), the gold as graded and
+        # where it came from, what was done to the problem text, and what the grader read from the response
+        rows = [{"benchmark": b.name, "problem_index": p, "sample_index": s, "preset": cfg.preset,
+                 "prompt": prompts[p], "prompt_edits": b.rows[p]["prompt_edits"], "response": c.text,
+                 "gold": b.rows[p]["gold"], "gold_source": b.rows[p]["gold_source"],
+                 "gold_extracted": g["gold_extracted"], "extracted": g["extracted"], "correct": bool(g["correct"]),
+                 "n_tokens": int(c.n_tokens), "truncated": bool(c.truncated),
+                 **({"choices": b.rows[p]["choices"]} if "choices" in b.rows[p] else {})}
+                for (p, s), c, g in zip(chunk, comps, graded)]
         _append_rows(samples_path, rows)
         previous.extend({k: r[k] for k in _SLIM_KEYS} for r in rows)
         counts["samples"] += len(rows)
@@ -477,7 +576,7 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
         bar.update(len(rows))
     bar.close()
     rows = [r for r in previous if r["benchmark"] == b.name]
-    return _entry(b, rows, cfg, run_dir.manifest["phases"], unparsable)
+    return _entry(b, rows, cfg, run_dir.manifest["phases"], unparsable, preset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,17 +594,21 @@ def _eval_dirs(path: Path) -> list[Path]:
     raise SaetuneError(f"{str(path)!r} holds no {RESULTS_FILE} (nor do its sub-dirs); pass eval run dirs")
 
 
-def compare(run_dirs: Sequence[str | Path], metric: str = "pass@1"):
+def compare(run_dirs: Sequence[str | Path], metric: str = "pass@1", allow_mixed_presets: bool = False):
     """A table of several eval runs: one row per run, one column per benchmark, then the rest.
 
     ``run_dirs``: eval run dirs, or parent dirs whose sub-dirs are eval runs (a demo). A row is
     labelled by the run's ``label`` (base, source, SAE-tuned, control, …) or else its dir name.
     Benchmark columns hold ``metric`` in percent — ``pass@1``, ``avg@k`` or ``pass@k:K`` (e.g.
     ``pass@k:16``) — and ``avg`` their mean over the benchmarks the run has; then ``n`` (problems
-    × samples per benchmark, e.g. ``30x1``), ``eval_s`` and ``eval_usd`` (the eval's wall time
+    × samples per benchmark, e.g. ``30x1``), ``preset`` (the eval preset: runs written before
+    presets existed are ``saetune``), ``eval_s`` and ``eval_usd`` (the eval's wall time
     and estimated cost) and ``model_s`` / ``model_usd`` (those of the runs that produced the
     model, when the model was a saetune run dir — a merge run adds the tune run it merged: the
     "SAE-Tuning: X minutes, $Y" of Resa).
+    Runs of different presets grade differently, so their numbers do not compare: they are refused
+    unless ``allow_mixed_presets``, and then the frame's ``attrs["note"]`` says so (printed under
+    the table by :func:`format_table`).
     Returns a ``pandas.DataFrame`` indexed by label; :func:`format_table` renders it.
     """
     import pandas as pd
@@ -538,6 +641,7 @@ def compare(run_dirs: Sequence[str | Path], metric: str = "pass@1"):
             values.append(100.0 * v)
         row["avg"] = sum(values) / len(values) if values else float("nan")
         row["n"] = " ".join(f"{e['n']}x{e['samples_per_problem']}" for e in results.values())
+        row["preset"] = ",".join(sorted({str(e.get("preset", "saetune")) for e in results.values()})) or "saetune"
         row["eval_s"] = man.get("wall_seconds")
         row["eval_usd"] = man.get("estimated_cost_usd")
         src = man.get("model_run") or {}
@@ -549,14 +653,28 @@ def compare(run_dirs: Sequence[str | Path], metric: str = "pass@1"):
     for i, r in enumerate(records):  # two runs with one label stay apart
         if labels.count(r["label"]) > 1:
             r["label"] = f"{r['label']} ({Path(r['run_dir']).name})"
-    cols = ["label", *benchmarks, "avg", "n", "eval_s", "eval_usd", "model_s", "model_usd", "run_dir"]
-    return pd.DataFrame.from_records(records, columns=cols).set_index("label")
+    presets = sorted({r["preset"] for r in records})
+    note = ""
+    if len(presets) > 1:
+        which = "; ".join(f"{r['label']}: {r['preset']}" for r in records)
+        if not allow_mixed_presets:
+            raise SaetuneError(f"these eval runs use different presets ({which}); presets grade differently, so "
+                               "their numbers do not compare. Compare runs of one preset, or pass "
+                               "allow_mixed_presets (--allow-mixed-presets) to show them with a note")
+        note = (f"Note: these runs use different eval presets ({', '.join(presets)}): each preset makes prompts and "
+                "grades answers its own way, so rows of different presets do not compare.")
+    cols = ["label", *benchmarks, "avg", "n", "preset", "eval_s", "eval_usd", "model_s", "model_usd", "run_dir"]
+    df = pd.DataFrame.from_records(records, columns=cols).set_index("label")
+    df.attrs["note"] = note
+    return df
 
 
 def format_table(df, digits: int = 2) -> str:
-    """A Markdown table of :func:`compare`'s frame (numbers rounded, missing values blank, no run_dir)."""
+    """A Markdown table of :func:`compare`'s frame (numbers rounded, missing values blank, no run_dir),
+    followed by the frame's note (mixed presets), if any."""
     import pandas as pd
 
+    note = df.attrs.get("note", "")
     df = df.drop(columns=[c for c in ("run_dir",) if c in df.columns])
     header = [df.index.name or "", *map(str, df.columns)]
 
@@ -570,4 +688,5 @@ def format_table(df, digits: int = 2) -> str:
     rows = [[str(i), *(cell(v) for v in r)] for i, r in zip(df.index, df.itertuples(index=False))]
     widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows),
+                      *(["", note] if note else [])])

@@ -46,6 +46,7 @@ class SamplingParams:
     top_p: float = DEFAULT_TOP_P
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the model's EOS
+    max_total_tokens: int = 0  # prompt + response at most this many tokens (0: only the model's context)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -54,6 +55,8 @@ class SamplingParams:
             raise SaetuneError(f"top_p={self.top_p}; it must lie in (0, 1]")
         if self.max_new_tokens < 1:
             raise SaetuneError(f"max_new_tokens={self.max_new_tokens}; it must be at least 1")
+        if self.max_total_tokens < 0:
+            raise SaetuneError(f"max_total_tokens={self.max_total_tokens}; it must be 0 (no cap) or positive")
 
 
 @dataclass
@@ -201,6 +204,9 @@ class HFBackend:
                               f"past the model's {self.max_positions} positions, so its batch generates at most "
                               f"{room} new tokens (responses that reach the cap are marked truncated)", stacklevel=3)
             max_new = min(max_new, room)
+        if params.max_total_tokens:  # the batch's longest prompt decides (left padding: one width per batch)
+            check_prompt_fits(f"prompt {longest}", width, params.max_total_tokens)
+            max_new = min(max_new, params.max_total_tokens - width)
         gen_cfg = self.model.generation_config
         stop = _stop_ids(self.tokenizer, getattr(gen_cfg, "eos_token_id", None), params.stop_token_ids)
         sampling = params.temperature > 0
@@ -240,11 +246,14 @@ def _require_vllm():
     return vllm
 
 
-def _vllm_params(params: SamplingParams, seed: int, stop_ids: Sequence[int]):
+def _vllm_params(params: SamplingParams, seed: int, stop_ids: Sequence[int], prompt_len: int = 0):
     from vllm import SamplingParams as VSP
     greedy = params.temperature == 0
+    max_tokens = params.max_new_tokens
+    if params.max_total_tokens:
+        max_tokens = min(max_tokens, params.max_total_tokens - prompt_len)
     return VSP(n=1, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
-               max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=list(stop_ids) or None,
+               max_tokens=max_tokens, seed=seed, stop_token_ids=list(stop_ids) or None,
                skip_special_tokens=False)
 
 
@@ -267,9 +276,12 @@ class _VLLMEngine:
                  use_tqdm: bool = False) -> list[Completion]:
         stop = _stop_ids(self.tokenizer, None, params.stop_token_ids)
         drop = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
-        sps = [_vllm_params(params, int(s), stop) for s in seeds]
         # token ids, not strings: vLLM would add a second BOS to a chat-templated prompt
         requests = [{"prompt_token_ids": encode_prompt(self.tokenizer, p, self.template)} for p in prompts]
+        if params.max_total_tokens:  # each request's new tokens: what its prompt leaves of the total
+            for i, r in enumerate(requests):
+                check_prompt_fits(f"prompt {prompts[i][:60]!r}", len(r["prompt_token_ids"]), params.max_total_tokens)
+        sps = [_vllm_params(params, int(s), stop, len(r["prompt_token_ids"])) for s, r in zip(seeds, requests)]
         max_len = getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "max_model_len", None)
         if max_len:  # vLLM stops a response at the context end itself (finish_reason 'length' → truncated)
             for i, r in enumerate(requests):

@@ -227,8 +227,15 @@ def _grade_bounded(pred: str, gold: str, timeout_s: float) -> bool:
         raise SaetuneError(f"the grading worker process died while grading {pred!r} against {gold!r}") from e
 
 
-def is_correct(response_text: str, gold_answer: Any, timeout_s: float = 5) -> bool:
+def is_correct(response_text: str, gold_answer: Any, timeout_s: float = 5, *, preset: str | None = None,
+               benchmark: str | None = None) -> bool:
     """Whether a model response's final answer equals the gold answer.
+
+    With ``preset`` (``"saetune"`` or ``"resa"``, see :mod:`saetune.eval_presets`) it grades as
+    that preset grades ``benchmark`` (``aime24``, ``aime25``, ``amc23``, ``math500``,
+    ``minerva``; ``gpqa``: ``gold_answer`` is the right letter), ``gold_answer`` being the raw
+    field the preset reads (``resa``: ``answer`` for AIME/AMC, the whole ``solution`` for
+    MATH500/Minerva). Without it, saetune's own grading:
 
     1. Graded text: after the last ``</think>`` of the response (:func:`extract_graded_text`).
     2. Prediction: the last brace-matched ``\\boxed{...}``, else the last ``<answer>...</answer>``
@@ -240,10 +247,16 @@ def is_correct(response_text: str, gold_answer: Any, timeout_s: float = 5) -> bo
     4. DeepScaleR-style fallback when math-verify says no: the normalised strings are equal
        (:func:`normalize_answer`) — catches text answers math-verify cannot parse.
     """
+    if isinstance(timeout_s, str):
+        raise SaetuneError(f"is_correct's third argument is timeout_s, got {timeout_s!r}; pass preset= and "
+                           "benchmark= by keyword")
     if timeout_s is None or not timeout_s > 0:
         raise SaetuneError(f"timeout_s={timeout_s!r}; it must be a positive number of seconds")
     if not isinstance(response_text, str):
         raise SaetuneError(f"response_text must be a string, got {type(response_text).__name__}")
+    if preset is not None or benchmark is not None:
+        from .eval_presets import preset_is_correct
+        return preset_is_correct(response_text, gold_answer, preset or "saetune", benchmark, timeout_s)
     pred = _prediction(response_text)
     if pred is None or gold_answer is None:
         return False
@@ -328,12 +341,15 @@ class Grader:
 
     def map(self, fn, *columns: list) -> list[bool]:
         """``bool(fn(*row, timeout_s))`` for each row of ``columns``; ``fn`` must be a module-level function."""
+        return [bool(x) for x in self.apply(fn, *columns)]
+
+    def apply(self, fn, *columns: list) -> list[Any]:
+        """``fn(*row, timeout_s)`` for each row of ``columns``, as returned; ``fn`` must be module-level."""
         n = len(columns[0])
         if self.pool is None:
-            return [bool(fn(*args, self.timeout_s)) for args in zip(*columns)]
+            return [fn(*args, self.timeout_s) for args in zip(*columns)]
         try:
-            return [bool(x) for x in self.pool.map(fn, *columns, [self.timeout_s] * n,
-                                                     chunksize=max(1, n // (4 * self.workers)))]
+            return list(self.pool.map(fn, *columns, [self.timeout_s] * n, chunksize=max(1, n // (4 * self.workers))))
         except cf.process.BrokenProcessPool as e:
             raise SaetuneError("a grading worker process died; rerun with --resume (finished samples are kept)") from e
 

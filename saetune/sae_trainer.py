@@ -1,10 +1,11 @@
 """``saetune train-sae``: train one or several SAEs from an activation store or on the fly.
 
 Resa's Stage I (SPEC_RESA.md) is the default recipe: TopK, FVU loss, no AuxK, b_dec from the
-first batch's mean, decoder rows re-normalised every step with the gradient component parallel
-to each row removed first, sign-SGD under schedule-free averaging, averaged weights saved. (The averaged weights are what
-Resa saves and evaluates; their decoder rows are averages of unit rows, so slightly shorter than
-1 — the renormalisation applies to the training sequence, as in the reference.)
+first batch's mean (also over a pretrained ``init_from`` SAE's), decoder rows re-normalised every
+step with the gradient component parallel to each row removed first, sign-SGD under schedule-free
+averaging, averaged weights saved. (The averaged weights are what Resa saves and evaluates; their
+decoder rows are averages of unit rows, so slightly shorter than 1 — the renormalisation applies
+to the training sequence, as in the reference.)
 
 Several SAEs (hooks × widths × k) train from one stream of forwards. A checkpoint holds every
 SAE's weights, its optimiser state, the dead-latent counters, the data position and the RNG
@@ -75,7 +76,10 @@ class TrainSAEConfig(DataConfig):
     dead_tokens: int = opt(10_000_000, "a latent is dead after this many tokens without firing (Resa: 10M)")
     normalize_decoder: bool = opt(True, "topk/batchtopk: unit-norm decoder rows every step and remove the "
                                         "gradient parallel to them")
-    init_b_dec: Literal["mean", "zero"] = opt("mean", "b_dec init: mean of the first batch (Resa) or zero")
+    init_b_dec: Literal["mean", "zero", "keep"] = opt(
+        "mean", "b_dec before the first step: 'mean' of the first batch (Resa; with init_from this re-centres the "
+                "pretrained SAE on the new hook's activations, as the reference's trainer does), 'zero', or 'keep' "
+                "(as initialised: zero for a fresh SAE, the pretrained b_dec with init_from)")
     l1_coefficient: float = opt(5.0, "standard SAEs: weight of the L1 penalty Σ f_j‖W_dec,j‖")
     l0_coefficient: float = opt(1.0, "jumprelu SAEs: weight of the L0 penalty")
     jumprelu_bandwidth: float = opt(0.001, "jumprelu SAEs: straight-through bandwidth ε")
@@ -92,8 +96,9 @@ class TrainSAEConfig(DataConfig):
     eval_seqs: int = opt(32, "held-out sequences for the spliced-in metrics (CE loss recovered, KL); 0 = skip")
     save_format: Literal["saelens", "sparsify"] = opt("saelens", "layout of the saved SAEs")
     init_from: str = opt("", "start from a pretrained SAE (SAELens or sparsify dir, or a multi-hook dir with "
-                             "init_hook) instead of a fresh init — Resa's 'fine-tuned' mode; its d_sae, k and "
-                             "b_dec are kept")
+                             "init_hook) instead of a fresh init — Resa's 'fine-tuned' mode; its weights, d_sae "
+                             "and k are kept, b_dec is re-centred on the first batch's mean (init_b_dec 'keep' "
+                             "keeps it)")
     init_hook: str = opt("", "which SAE of a multi-hook init_from dir to load (e.g. layers.12.mlp)")
     max_steps: int = opt(0, "stop after this many steps (0 = no limit); 0 steps with init_from = Resa's "
                             "'pretrained as is' mode (with skip_training)")
@@ -279,6 +284,30 @@ def _initial_sae(cfg: TrainSAEConfig, sc: SAEConfig, hook: str) -> SAE:
     return sae
 
 
+@torch.no_grad()
+def init_b_dec_(trainers: list[tuple[str, SAETrainer]], batch: dict[str, torch.Tensor], how: str, dist) -> None:
+    """Set every SAE's b_dec before its first step: the first global batch's mean (``mean``), zero, or
+    leave it (``keep``). ``mean`` applies to SAEs loaded from ``init_from`` too: the reference's trainer
+    (sparsify's ``Trainer.fit``) overwrites b_dec on its first step, re-centring an SAE trained elsewhere
+    on this hook's activations while keeping its other weights."""
+    for hook, t in trainers:
+        if how == "mean":
+            t.sae.b_dec.copy_(dist.all_reduce_(batch[hook].float().mean(0), "mean"))  # equal slices: global mean
+        elif how == "zero":
+            t.sae.b_dec.zero_()
+
+
+def b_dec_init_note(cfg: TrainSAEConfig) -> str:
+    """How the saved SAE's b_dec started, for results.json and the manifest."""
+    if cfg.skip_training:
+        return "pretrained (no training)"
+    if cfg.init_b_dec == "mean":
+        return "first-batch mean (re-centred from the pretrained SAE)" if cfg.init_from else "first-batch mean"
+    if cfg.init_b_dec == "keep":
+        return "pretrained (kept)" if cfg.init_from else "as initialised (zero)"
+    return "zero"
+
+
 def check_world_size(cfg: TrainSAEConfig, world: int, resume: bool = False) -> None:
     """Refuse a process count that does not split every global batch evenly (new runs and resumes alike:
     a checkpoint holds the global-batch position, so any world size that divides the batch can resume it)."""
@@ -404,10 +433,8 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
                     break
                 if die_at == step + 1:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if step == 0 and cfg.init_b_dec == "mean" and not cfg.init_from:
-                    with torch.no_grad():
-                        for hook, t in trainers:
-                            t.sae.b_dec.copy_(dist.all_reduce_(batch[hook].mean(0), "mean"))  # equal slices
+                if step == 0:
+                    init_b_dec_(trainers, batch, cfg.init_b_dec, dist)
                 if cfg.optimizer == "adam" and cfg.warmup_steps:
                     for _, t in trainers:
                         t.set_lr(t.lr * min(1.0, (step + 1) / cfg.warmup_steps))
@@ -455,6 +482,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
         for name, r in results.items():
             r["train_tokens"] = tokens
             r["weights"] = "schedule-free averaged (optimizer.eval())" if cfg.optimizer == "signum_sf" else "final"
+            r["b_dec_init"] = b_dec_init_note(cfg)
         atomic_write_json(run.path / "results.json", results)
         shutil.rmtree(_checkpoint_dir(run), ignore_errors=True)
         run.finish(results=results, train_seconds=round(train_seconds, 3), steps=n_steps)

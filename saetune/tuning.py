@@ -16,7 +16,8 @@ the hook equal the teacher's. ``shared_prefix`` uses that: those blocks run once
 (shared by teacher and student) and LoRA goes only on the blocks after the hook. Any setting
 that lets gradient reach the earlier blocks switches it off. The KL is computed a block of
 positions at a time from the final hidden states (``saetune.distill``), never as two full fp32
-logit tensors.
+logit tensors; in fp32 by default, more exact than the reference's bf16 (``kl_dtype`` bfloat16
+reproduces that).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class TuneConfig(DataConfig):
                                                                          "code: constant; its paper: cosine)")
     warmup_steps: int = opt(0, "linear lr warm-up steps")
     epochs: int = opt(2, "passes over the packed data")
-    batch_size: int = opt(1, "sequences per step (Resa: 1 per GPU)")
+    batch_size: int = opt(1, "sequences per process and step (Resa: 1 per GPU); 0 = global_batch ÷ processes")
+    global_batch: int = opt(0, "sequences per step over all processes (Resa: 1 per GPU × 2 GPUs = 2); when set, "
+                               "processes × batch_size must equal it (a mismatch is refused); 0 = not checked")
     max_steps: int = opt(0, "stop after this many steps (0 = all epochs)")
     shuffle: bool = opt(False, "shuffle the chunks each epoch (seeded)")
     model_dtype: str = opt("float32", "dtype of the target model and the SAE (Resa: bfloat16)")
@@ -86,6 +89,9 @@ class TuneConfig(DataConfig):
     shared_prefix: bool = opt(True, "run the blocks up to the hook once for teacher and student and put LoRA only "
                                     "after the hook — exact with stop_grad and no error term, switched off otherwise")
     kl_chunk: int = opt(1024, "positions per block when forming logits for the loss")
+    kl_dtype: Literal["float32", "bfloat16"] = opt("float32", "dtype of the logits, softmaxes and KL: float32 (more "
+                                                              "exact) or bfloat16 (as the reference's bf16 stack "
+                                                              "computes them)")
     eval_seqs: int = opt(8, "held-out chunks (the last ones, never trained on) on which the loss is measured "
                             "before and after tuning; 0 = none")
     seed: int = opt(0, "seed of LoRA init, dropout and shuffling")
@@ -101,13 +107,18 @@ class TuneConfig(DataConfig):
                                "student is the teacher; for plain LoRA fine-tuning (a control) use loss 'ce'")
         if self.loss not in ("kl", "ce"):
             raise SaetuneError(f"unknown loss {self.loss!r}; valid: kl, ce")
-        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "kl_chunk", "log_every"):
+        for name in ("lora_r", "lora_alpha", "epochs", "kl_chunk", "log_every"):
             if getattr(self, name) < 1:
                 raise SaetuneError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "warmup_steps", "max_steps", "eval_seqs", "checkpoint_every",
-                     "keep_checkpoints", "gpu_hour_usd", "max_examples"):
+                     "keep_checkpoints", "gpu_hour_usd", "max_examples", "global_batch"):
             if not getattr(self, name) >= 0:  # `not >=`: NaN fails too
                 raise SaetuneError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.batch_size < 0 or (self.batch_size == 0 and not self.global_batch):
+            raise SaetuneError(f"batch_size must be at least 1 (0 only with global_batch, which it is then derived "
+                               f"from), got {self.batch_size}")
+        if self.kl_dtype not in ("float32", "bfloat16"):
+            raise SaetuneError(f"unknown kl_dtype {self.kl_dtype!r}; valid: float32, bfloat16")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise SaetuneError(f"lr must be a positive number (Resa: 1e-6), got {self.lr}")
         if not 0 <= self.lora_dropout < 1:
@@ -324,7 +335,7 @@ class SAETuner:
         head = self.model.get_output_embeddings()  # read now: under FSDP the weight is whole only within forward
         head_w, head_b = head.weight, getattr(head, "bias", None)
         if self.cfg.loss == "kl":
-            kl = kl_from_hidden(h_t, h_s, head_w, head_b, self.cfg.kl_chunk)
+            kl = kl_from_hidden(h_t, h_s, head_w, head_b, self.cfg.kl_chunk, dtype=getattr(torch, self.cfg.kl_dtype))
             loss = kl / B  # kl_div(..., reduction="batchmean") on (B, T, V): per-sequence sum
             m = {"kl": loss.item(), "kl_per_token": kl.item() / (B * T)}
         else:
@@ -370,6 +381,31 @@ def save_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer, di
     atomic_write_json(root / "latest.json", {"step": step, "dir": final.name})
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def per_process_batch(cfg: TuneConfig, world: int) -> int:
+    """Sequences each of ``world`` processes takes per step: ``batch_size``, or ``global_batch ÷ world``
+    when ``batch_size`` is 0.
+
+    The global batch sets the step count and the effective learning rate, so a recipe that
+    reproduces the paper fixes it (``global_batch: 2``, the reference's 1 per GPU × 2 GPUs) and a
+    launch whose ``world × batch_size`` gives another is refused with the ``--batch-size`` that keeps
+    it. Runs before the run dir is opened.
+    """
+    if not cfg.global_batch:
+        return cfg.batch_size
+    if cfg.batch_size * world == cfg.global_batch:
+        return cfg.batch_size
+    if cfg.global_batch % world:
+        raise SaetuneError(f"global_batch {cfg.global_batch} does not divide over {world} processes; launch a "
+                           f"process count that divides {cfg.global_batch}, or change --global-batch on purpose")
+    keep = cfg.global_batch // world
+    if cfg.batch_size == 0:
+        return keep
+    raise SaetuneError(f"{world} processes × batch_size {cfg.batch_size} make a global batch of "
+                       f"{world * cfg.batch_size} sequences, but this config's global_batch is {cfg.global_batch}: "
+                       f"pass --batch-size {keep} (or 0 to derive it), or --global-batch {world * cfg.batch_size} to "
+                       "change the global batch on purpose")
 
 
 def check_resume_global_batch(out: str | Path, cfg: TuneConfig, world: int) -> None:
@@ -452,14 +488,17 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
     takes its slice of a ``world × batch_size`` global batch (DDP, or DeepSpeed as accelerate is
     configured); rank 0 writes the run dir, and ``out`` must be given.
     """
+    from dataclasses import replace
     from tqdm.auto import tqdm
     from .activations import resolve_device
+    batch_size = per_process_batch(cfg, launched_world_size())  # refused before the run dir is touched
     if resume and out is not None:
-        check_resume_global_batch(out, cfg, launched_world_size())
+        check_resume_global_batch(out, replace(cfg, batch_size=batch_size), launched_world_size())
     # batch_size may change on resume when the process count does (the global batch is checked above)
     dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
                           seed=cfg.seed, resume_ignore=("progress", "log_every", "batch_size"),
                           gpu_hour_usd=cfg.gpu_hour_usd)
+    cfg = replace(cfg, batch_size=batch_size)  # config.yaml keeps the batch_size as given (0: derived again on resume)
     device = dist.device
     sigterm = SigtermInterrupts()  # torchrun SIGTERMs the survivors when a rank dies: record the stop
     try:

@@ -1,10 +1,32 @@
-"""Shared fixtures: one toy model per test session, one tiny random model dir, one-thread torch."""
+"""Shared fixtures: one toy model per test session, one tiny random model dir, one-thread torch; and the
+Hypothesis profiles."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
+# Hypothesis profiles live here and nowhere else (a test sets only its own budget: max_examples, phases).
+# "ci", the default: the same examples on every run (derandomized, no example database) and no wall-clock
+# checks (deadline, too_slow), so a red run is a regression that reruns red, never a draw or a busy machine.
+# "explore" (HYPOTHESIS_PROFILE=explore): fresh examples each run, failures kept in .hypothesis/ and replayed.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", derandomize=False, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def library_log_handlers_on_the_session_stream():
+    """transformers binds its log handler to whatever ``sys.stderr`` is when it first logs; inside a test
+    using ``capsys`` that stream is closed afterwards, and every later warning prints "--- Logging error ---"
+    with a traceback into some other test's captured output. Configure it once, up front, on the session's."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_verbosity()
 
 @pytest.fixture(scope="session")
 def toy_base():

@@ -8,7 +8,7 @@ import torch
 from saetune.attach import (AttachConfig, MergeConfig, adapter_shapes, attach, attach_sae, check_adapter_fits,
                             merge, parse_steer, resolve_adapter, steer_activation)
 from saetune.errors import SaetuneError
-from saetune.models import load_model, replace_activation, resolve_hook
+from saetune.models import load_model, replace_activation, resolve_hook, run_to_hooks
 from saetune.sae import SAE, SAEConfig
 from saetune.tuning import TuneConfig, tune
 
@@ -120,3 +120,81 @@ def test_attach_sae_cli_run_writes_features(tmp_path):
             pass
     with pytest.raises(SaetuneError, match="exactly one of adapter"):
         AttachConfig(model="toy")
+
+
+# ---- attach_sae against a reference computed from the hook's own input ------------------------------------------
+
+def _block_output(model, hook: str, into: list):
+    """A forward hook on ``hook``'s block that appends the output it sees (registered before attach_sae: the
+    activation the SAE reads; after: the activation the rest of the model gets)."""
+    def grab(mod, args, out):
+        into.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+    return model.get_submodule(hook).register_forward_hook(grab)
+
+
+@torch.no_grad()
+def _top(sae, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return sae.encode(x).topk(k, dim=-1)
+
+
+def test_attach_sae_records_the_top_k_of_sae_encode_at_every_position(toy_base):
+    model, _ = toy_base
+    sae = SAE(SAEConfig(d_in=128, d_sae=256, k=8, hook_name="model.layers.2"), seed=1)
+    seen: list[torch.Tensor] = []
+    handle = _block_output(model, "model.layers.2", seen)
+    try:
+        with attach_sae(model, sae, top_k=4) as rec, torch.no_grad():
+            model.generate(IDS[:, :10], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert [x.shape[1] for x in seen] == [10, 1, 1, 1, 1]  # the prompt, then one position per decoding step
+        want_pos = []
+        for x, v, i in zip(seen, rec.values, rec.indices, strict=True):
+            rv, ri = _top(sae, x, 4)
+            torch.testing.assert_close(v, rv)
+            assert torch.equal(i, ri)
+            want_pos += [[(int(j), round(float(a), 4)) for j, a in zip(ri[0, t], rv[0, t]) if a > 0]
+                         for t in range(x.shape[1])]
+        assert rec.per_position(0) == want_pos
+
+        seen.clear()  # a batch of two rows: each row's positions are its own
+        with attach_sae(model, sae, top_k=4) as rec, torch.no_grad():
+            model(torch.cat([IDS[:, :10], IDS[:, 5:15]]))
+    finally:
+        handle.remove()
+    rv, ri = _top(sae, seen[0], 4)
+    for row in (0, 1):
+        assert rec.per_position(row) == [[(int(j), round(float(a), 4)) for j, a in zip(ri[row, t], rv[row, t]) if a > 0]
+                                         for t in range(10)]
+    assert rec.per_position(0) != rec.per_position(1)
+
+
+def test_attach_sae_steer_moves_the_features_to_their_values_and_changes_the_logits(toy_base):
+    model, _ = toy_base
+    sae = SAE(SAEConfig(d_in=128, d_sae=256, k=8, hook_name="model.layers.2"), seed=1)
+    ids = IDS[:, :12]
+    with torch.no_grad():
+        active = (sae.encode(run_to_hooks(model, ids, [resolve_hook(model, "model.layers.2")])["model.layers.2"]) > 0)
+    on = int(active[0].sum(0).argmax())  # active at some positions: its current value must be taken out
+    off = int((~active[0]).all(0).nonzero()[0])  # active nowhere
+    steer = {on: 0.0, off: 5.0}
+    read, got = [], []
+    before = _block_output(model, "model.layers.2", read)
+    try:
+        with torch.no_grad():
+            clean = model(ids).logits
+            with attach_sae(model, sae, mode="steer", steer=steer):
+                after = _block_output(model, "model.layers.2", got)
+                try:
+                    steered = model(ids).logits
+                finally:
+                    after.remove()
+    finally:
+        before.remove()
+    x = read[-1]  # [1, T, d]
+    with torch.no_grad():  # x + Σ_f (v_f − a_f(x))·W_dec[f]
+        a = sae.encode(x)
+        want = x + (0.0 - a[..., on:on + 1]) * sae.W_dec[on] + (5.0 - a[..., off:off + 1]) * sae.W_dec[off]
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+    assert (got[0] - x).norm(dim=-1).min() > 1.0  # every position moved (feature `off` set to 5 everywhere)
+    with torch.no_grad(), replace_activation(model, resolve_hook(model, "model.layers.2"), lambda h: want):
+        torch.testing.assert_close(steered, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert (steered - clean).abs().max() > 0.1

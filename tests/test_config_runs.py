@@ -399,7 +399,7 @@ def test_log_needs_step_and_tokens(tmp_path):
 
 @pytest.fixture
 def live_pid():
-    proc = subprocess.Popen(["sleep", "5"])
+    proc = subprocess.Popen(["sleep", "600"])  # alive for the whole test however slow the machine; killed after
     yield proc.pid
     proc.kill()
     proc.wait()

@@ -53,8 +53,8 @@ def test_resa_text_matches_spec_template():
 
 
 def test_r1_zero_system_prompt():
-    assert R1_ZERO_SYSTEM.startswith(SPEC_SYSTEM_START)
-    assert R1_ZERO_SYSTEM.endswith("<think> reasoning process here </think> <answer> answer here </answer>.\n")
+    assert " ".join(R1_ZERO_SYSTEM.split()).startswith(SPEC_SYSTEM_START)  # the exact bytes: test_resa_fidelity.py
+    assert R1_ZERO_SYSTEM.endswith("<think> reasoning process here </think>\n<answer> answer here </answer>.\n")
 
 
 def test_record_texts_resa_uses_fields():
@@ -69,10 +69,10 @@ def test_record_texts_resa_uses_fields():
 def test_missing_field_names_field_and_lists_present(tmp_path):
     cfg = DataConfig(dataset="mine.jsonl", template="resa")
     with pytest.raises(SaetuneError) as e:
-        record_texts([{"problem": "a", "answer": "b"}, {"question": "c", "solution": "d"}], cfg)
+        record_texts([{"problem": "a", "answer": "b"}, {"query": "c", "solution": "d"}], cfg)
     msg = str(e.value)
     assert "record 1" in msg and "'problem'" in msg and "'resa'" in msg
-    assert "fields present: question, solution" in msg
+    assert "fields present: query, solution" in msg  # (question/prompt would be read: the reference's fallback)
     with pytest.raises(SaetuneError, match="no field 'text'.*fields present: problem"):
         record_texts([{"problem": "a"}], DataConfig(dataset="f.jsonl", template="plain"))
 

@@ -10,7 +10,7 @@ from saetune.demo_pipeline import DemoConfig, demo, format_table
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_small_demo_runs_end_to_end_and_resumes(tmp_path):
+def test_small_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     cfg = DemoConfig(examples=300, d_sae=256, k=8, batch_size=512, tune_steps=2, eval_problems=8, features=False,
                      rl_steps=1, progress=False)
     s = demo(cfg, tmp_path / "demo")
@@ -26,5 +26,19 @@ def test_small_demo_runs_end_to_end_and_resumes(tmp_path):
     assert json.loads((d / "summary.json").read_text())["accuracy"] == s["accuracy"]
     assert (d / "config.yaml").exists()  # `saetune demo --resume DIR` reads it
     assert "accuracy: SAE-tuned" in format_table(s)
+    before = _stamps(d)
+    capsys.readouterr()
     again = demo(cfg, d, resume=True)
-    assert again["accuracy"] == s["accuracy"] and max(again["seconds"].values()) < 2.0  # every stage kept
+    assert again["accuracy"] == s["accuracy"]
+    # every stage kept: each one said so, none ran, and no file of any stage was rewritten (only the summary)
+    said = capsys.readouterr().out
+    assert set(again["seconds"]) == set(s["seconds"]) and "] running" not in said, said
+    for name in s["seconds"]:
+        assert f"[{name}] already complete, kept" in said, said
+    assert _stamps(d) == before
+
+
+def _stamps(d):
+    """(size, mtime in ns) of every file under ``d`` but the summary, which a resumed demo writes again."""
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "summary.json"}

@@ -1,8 +1,8 @@
-"""Faults in multi-process runs (torchrun, gloo, 2 CPU processes): a rank killed mid-run stops the job within
-seconds, leaves the run dir resumable (never 'complete', the last checkpoint whole, a stale lock taken over) and
-``--resume`` on the same or another world size ends with the uninterrupted SAE; a world size that does not split
-the global batch is refused before the run dir is touched; a second run on a live run dir refuses, naming the
-dir and rank 0's pid, and the first run completes untouched.
+"""Faults in multi-process runs (torchrun, gloo, 2 CPU processes): a rank killed mid-run stops the job (no
+survivor waits in a dead collective), leaves the run dir resumable (never 'complete', the last checkpoint
+whole, a stale lock taken over) and ``--resume`` on the same or another world size ends with the uninterrupted
+SAE; a world size that does not split the global batch is refused before the run dir is touched; a second run
+on a live run dir refuses, naming the dir and rank 0's pid, and the first run completes untouched.
 
 train-sae runs die through its test-only fault injection (``SAETUNE_FAULT_KILL_RANK`` / ``SAETUNE_FAULT_AT_STEP``:
 the rank SIGKILLs itself at a set step); tune runs are killed from outside once a checkpoint exists."""
@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,14 +35,10 @@ SAE_FLAGS = dict(hooks=["model.layers.2"], d_sae=[256], k=[8], batch_size=512, m
                  checkpoint_every=3, eval_seqs=0, log_every=1, progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(*args, nproc=1) -> list[str]:
-    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+    # --standalone: torchrun's rendezvous store binds port 0 and hands the port to the workers (a port picked
+    # here, released, then passed on could be taken by another process in between)
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return [sys.executable, *(launch if nproc > 1 else []), "-m", "saetune.cli", *map(str, args)]
 
 
@@ -53,13 +48,26 @@ def _train_sae_args(store, out, max_steps=6, d_sae=256) -> list:
             "--log-every", "1", "--optimizer", "adam", "--no-progress", "--out", out]
 
 
-def _run(cmd, env=ENV, timeout=120) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.monotonic() - t0
+# How long a job may take before a test calls it stuck: minutes on a loaded machine, far below the 30 min a
+# gloo collective waits for a dead or hung peer by default (what these tests make sure never happens).
+STUCK_S = 300
 
 
-def _wait_for(cond, what: str, proc: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+def _run(cmd, env=ENV, timeout=STUCK_S) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to its end; fail (its process group killed) if it is still running after ``timeout`` s."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"still running after {timeout} s (waiting on a dead or hung peer?): {' '.join(map(str, cmd))}"
+                    f"\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _wait_for(cond, what: str, proc: subprocess.Popen | None = None, timeout: float = STUCK_S) -> None:
     """Poll ``cond`` until it holds; fail naming ``what`` if the deadline passes or ``proc`` ends first."""
     deadline = time.monotonic() + timeout
     while not cond():
@@ -124,9 +132,8 @@ def test_a_rank_killed_mid_run_stops_the_job_and_resume_finishes_the_same_sae(st
                                                                                dead_rank, resume_procs):
     out = tmp_path / "run"
     fault = {**ENV, "SAETUNE_FAULT_KILL_RANK": str(dead_rank), "SAETUNE_FAULT_AT_STEP": "5"}
-    proc, seconds = _run(_cli(*_train_sae_args(store, out), nproc=2), env=fault)
+    proc = _run(_cli(*_train_sae_args(store, out), nproc=2), env=fault)  # it ends: no wait in a dead collective
     assert proc.returncode != 0, "the job went on without a rank"
-    assert seconds < 90, f"the job took {seconds:.0f} s to stop after a rank died"  # no wait in a dead collective
     assert "SIGKILL" in proc.stderr, proc.stderr[-3000:]  # torchrun names the signal that ended the rank
 
     man = _manifest(out)
@@ -141,7 +148,7 @@ def test_a_rank_killed_mid_run_stops_the_job_and_resume_finishes_the_same_sae(st
     else:  # the survivor freed it as it recorded the failure
         assert not lock.exists()
 
-    proc, _ = _run(_cli("train-sae", "--resume", out, nproc=resume_procs))
+    proc = _run(_cli("train-sae", "--resume", out, nproc=resume_procs))
     assert proc.returncode == 0, proc.stderr[-3000:]
     man = _manifest(out)
     assert man["status"] == "complete" and man["world_size"] == resume_procs and len(man["resumed_at"]) == 1
@@ -165,17 +172,15 @@ def test_a_hung_rank_fails_the_run_after_the_dist_timeout(store, tmp_path):
         _wait_for(lambda: (out / "checkpoints" / "latest.json").exists(), "checkpoint", job)
         workers = _workers(job)
         workers[1].send_signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        _wait_for(lambda: _manifest(out)["status"] == "failed", "a failed manifest", job, timeout=60)
-        waited = time.monotonic() - stopped_at
+        _wait_for(lambda: _manifest(out)["status"] == "failed", "a failed manifest", job)
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the stopped rank never reads torchrun's SIGTERM
         job.wait(timeout=30)
         log.close()
-    assert 3 < waited < 40, f"rank 0 gave up {waited:.1f} s after its peer hung (timeout 4 s)"
     man = _manifest(out)
     assert man["status"] == "failed" and not (out / "sae").exists()
-    assert "timed out" in json.dumps(man).lower(), man  # the collective's timeout, not another failure
+    # rank 0 gave up through the collective's timeout, and it was the 4 s one set above (not torch's 30 min)
+    assert re.search(r"timed out waiting 4000 ?ms", man["error"], re.IGNORECASE), man
     assert not (out / LOCK).exists()  # rank 0 recorded the failure and freed the lock
     with pytest.raises(SaetuneError, match="SAETUNE_DIST_TIMEOUT_S='soon'"):
         from saetune.distributed import dist_timeout_s
@@ -262,21 +267,21 @@ def test_a_second_run_on_a_live_run_dir_refuses_and_the_first_completes_untouche
         before = _files(out)
         refusal = f"run dir {str(out)!r} is in use by process {holder}"
 
-        proc, _ = _run(_cli(*_train_sae_args(store, out, max_steps=25, d_sae=4096)))  # one process, a new run
+        proc = _run(_cli(*_train_sae_args(store, out, max_steps=25, d_sae=4096)))  # one process, a new run
         assert proc.returncode == 2 and f"saetune: error: {refusal}" in proc.stderr, proc.stderr[-3000:]
         cfg = TrainSAEConfig(activations=str(store), **{**SAE_FLAGS, "max_steps": 25, "d_sae": [4096]})
         for how in ({"resume": True}, {"overwrite": True}):
             with pytest.raises(SaetuneError, match=re.escape(refusal)):
                 train_sae(cfg, out, **how)
-        proc, seconds = _run(_cli("train-sae", "--resume", out, nproc=2))
-        assert proc.returncode != 0 and seconds < 90
+        proc = _run(_cli("train-sae", "--resume", out, nproc=2))  # it ends: rank 1 does not wait for rank 0
+        assert proc.returncode != 0
         assert proc.stderr.count(refusal) == 1, proc.stderr[-3000:]  # rank 0 refused; rank 1 never opened the dir
         assert _files(out) == before
     finally:
         for w in workers.values():
             w.send_signal(signal.SIGCONT)
         try:
-            first.wait(timeout=120)
+            first.wait(timeout=STUCK_S)
         finally:
             if first.poll() is None:
                 os.killpg(first.pid, signal.SIGKILL)
@@ -358,22 +363,23 @@ def test_tune_rank_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapte
         with pytest.raises(SaetuneError, match=f"is in use by process {holder}"):  # a second tune on it refuses
             tune(cfg, out, resume=True)
         workers[1].kill()
-        killed_at = time.monotonic()
         workers[0].send_signal(signal.SIGCONT)
-        job.wait(timeout=90)
+        try:  # it ends: rank 0 does not wait on in a dead collective
+            job.wait(timeout=STUCK_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the tune job still ran {STUCK_S} s after its rank 1 was killed")
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
         log.close()
     assert job.returncode != 0, (tmp_path / "ddp.log").read_text()[-3000:]
-    assert time.monotonic() - killed_at < 60  # rank 0 did not wait on in a dead collective
     man = _manifest(out)
     assert man["status"] == "failed"  # a gloo error or torchrun's SIGTERM: either is recorded
     assert not (out / "adapter").exists()
     done = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
     assert done % 4 == 0 and 4 <= done < 24
 
-    proc, _ = _run(_cli("tune", "--resume", out, nproc=2))
+    proc = _run(_cli("tune", "--resume", out, nproc=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     man = _manifest(out)
     assert man["status"] == "complete" and len(man["resumed_at"]) == 1
@@ -400,11 +406,11 @@ def test_tune_resume_on_another_world_size_must_keep_the_global_batch(tmp_path, 
     tune(cfg, tmp_path / "full")
     interrupted_run(monkeypatch, SAETuner, "loss", 5, tune, cfg, tmp_path / "killed")
     before = _files(tmp_path / "killed")
-    proc, _ = _run(_cli("tune", "--resume", tmp_path / "killed", nproc=2), timeout=300)
+    proc = _run(_cli("tune", "--resume", tmp_path / "killed", nproc=2))
     assert proc.returncode != 0, "a resume that changes the global batch from 2 to 4 went on"
     assert "global batch of 2" in proc.stderr and "--batch-size 1" in proc.stderr, proc.stderr[-3000:]
     assert _files(tmp_path / "killed") == before
-    proc, _ = _run(_cli("tune", "--resume", tmp_path / "killed", "--batch-size", "1", nproc=2), timeout=300)
+    proc = _run(_cli("tune", "--resume", tmp_path / "killed", "--batch-size", "1", nproc=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))

@@ -6,7 +6,6 @@ gradient into a ±lr step.)"""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,11 +17,7 @@ from safetensors.torch import load_file
 from saetune.errors import SaetuneError
 from saetune.sae_trainer import SAETrainer, TrainSAEConfig, train_sae
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process runs on one thread, restored after the module
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +30,10 @@ FLAGS = dict(activations=None, hooks=["model.layers.2"], d_sae=[256], k=[8], bat
 
 
 def _torchrun(store, out, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "saetune.cli", "train-sae", "--activations", str(store), "--hooks", "model.layers.2", "--d-sae", "256",
-           "--k", "8", "--batch-size", "512", "--max-steps", "6", "--checkpoint-every", "3", "--eval-seqs", "0",
+    # --standalone: the rendezvous store binds port 0 (no port picked here, released, and raced for)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "saetune.cli",
+           "train-sae", "--activations", str(store), "--hooks", "model.layers.2", "--d-sae", "256", "--k", "8",
+           "--batch-size", "512", "--max-steps", "6", "--checkpoint-every", "3", "--eval-seqs", "0",
            "--log-every", "1", "--optimizer", "adam", "--no-progress", "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SAETUNE_DEBUG": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -49,7 +45,6 @@ def _weights(d):
 
 
 def test_two_processes_train_the_one_process_sae_and_resume_across_world_sizes(store, tmp_path, monkeypatch):
-    torch.set_num_threads(1)
     cfg = TrainSAEConfig(**{**FLAGS, "activations": str(store)})
     one = train_sae(cfg, tmp_path / "one")
     _torchrun(store, tmp_path / "two")

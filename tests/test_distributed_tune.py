@@ -20,7 +20,12 @@ RECIPES = Path(__file__).resolve().parents[1] / "saetune" / "recipes"
 ACCELERATE = RECIPES / "accelerate"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process runs on one thread, restored after the module
+
+
 def _free_port() -> int:
+    """A port free now; ``accelerate launch`` takes no port 0, so a launch that lost it to another process
+    before binding it (EADDRINUSE) is retried on another (see ``launch`` below)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -31,7 +36,8 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(tmp_path
     common = ["--config", "toy_tune", "--sae", str(tmp_path / "sae"), "--max-steps", "3", "--max-examples", "100",
               "--eval-seqs", "2", "--checkpoint-every", "2", "--log-every", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SAETUNE_DEBUG": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    # --standalone: the rendezvous store binds port 0 (no port picked here, released, and raced for)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "saetune.cli", "tune", *common, "--batch-size", "1", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,7 +47,6 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(tmp_path
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["tokens"] == 3 * 2 * 128
 
     from saetune.config import load_config
-    torch.set_num_threads(1)
     single = load_config(TuneConfig, "toy_tune", {"sae": str(tmp_path / "sae"), "max_steps": 3, "max_examples": 100,
                                                   "eval_seqs": 2, "batch_size": 2, "progress": False})
     tune(single, tmp_path / "single")
@@ -60,7 +65,6 @@ def one_process_4_steps(tmp_path_factory):
     from saetune.config import load_config
     d = tmp_path_factory.mktemp("one_process")
     SAE(SAEConfig(d_in=128, d_sae=256, k=8, hook_name="model.layers.2"), seed=0).save(d / "sae")
-    torch.set_num_threads(1)
     cfg = load_config(TuneConfig, "toy_tune", {"sae": str(d / "sae"), "max_steps": 4, "max_examples": 100,
                                                "eval_seqs": 2, "batch_size": 2, "progress": False})
     return d / "sae", d / "run", tune(cfg, d / "run")
@@ -77,9 +81,14 @@ def test_sharded_engine_resumes_to_the_one_process_adapter(engine, config, one_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SAETUNE_DEBUG": "1"}
 
     def launch(args, env):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / f"{config}.yaml"),
-               "--main_process_port", str(_free_port()), "-m", "saetune.cli", "tune", *args]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        for _ in range(3):
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ACCELERATE / f"{config}.yaml"), "--main_process_port", str(_free_port()),
+                   "-m", "saetune.cli", "tune", *args]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            if "EADDRINUSE" not in proc.stderr:  # the store never bound: no worker ran, nothing was written
+                return proc
+        return proc
 
     killed = launch(args, {**env, "SAETUNE_FAULT_AT_STEP": "4", "SAETUNE_FAULT_KILL_RANK": "1"})
     assert killed.returncode != 0 and "(SIGKILL)" in killed.stderr, killed.stderr[-3000:]

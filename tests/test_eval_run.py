@@ -14,8 +14,8 @@ DATA = Path(__file__).parent / "data"
 SHARED_BENCHMARKS = DATA / "benchmarks"  # the real AIME24/25, AMC23, MATH500, Minerva files, vendored
 ENTRY_KEYS = {"n", "samples_per_problem", "pass@1", "avg@k", "pass@k", "ci95", "unparsable_gold",
               "problems_per_s", "tokens_per_s"}
-ROW_KEYS = {"benchmark", "problem_index", "sample_index", "prompt", "response", "gold", "correct", "n_tokens",
-            "truncated"}
+ROW_KEYS = {"benchmark", "problem_index", "sample_index", "preset", "prompt", "prompt_edits", "response", "gold",
+            "gold_source", "gold_extracted", "extracted", "correct", "n_tokens", "truncated"}
 
 
 class FakeBackend:

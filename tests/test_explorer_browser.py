@@ -54,26 +54,35 @@ def _rss_mib(pid: int) -> float:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run = Path(os.environ.get("SAETUNE_EXPLORE_RUN_DIR") or pipeline_dir(tmp_path_factory))
-    port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log = open(tmp_path_factory.mktemp("explore") / "explore.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "saetune.cli", "explore", str(run), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 60:
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=1).read() == b"ok":
-                break
-        except OSError:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"saetune explore exited with {proc.returncode}:\n{log.read()}")
-            time.sleep(0.3)
+    logs = tmp_path_factory.mktemp("explore")
+    for attempt in range(3):  # a port free when picked can be taken before Streamlit binds it: then another
+        port = _free_port()
+        log = open(logs / f"explore{attempt}.log", "w+")
+        proc = subprocess.Popen([sys.executable, "-m", "saetune.cli", "explore", str(run), "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 180:
+            try:
+                if urllib.request.urlopen(url + "/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.3)
+        else:
+            proc.kill()
+            pytest.fail("saetune explore did not answer within 180 s")
+        log.seek(0)
+        if proc.poll() is None:
+            break
+        said = log.read()
+        log.close()
+        if f"Port {port} is not available" not in said:
+            pytest.fail(f"saetune explore exited with {proc.returncode}:\n{said}")
     else:
-        proc.kill()
-        pytest.fail("saetune explore did not answer within 60 s")
-    log.seek(0)
+        pytest.fail(f"saetune explore found no free port in 3 tries:\n{said}")
     assert f"http://127.0.0.1:{port}" in log.read()  # bound to localhost unless told otherwise
     yield url, proc, run
     proc.terminate()

@@ -1,6 +1,7 @@
 """Generation backends: prompt templates, response cutting, HF generate on the toy and a random Qwen2."""
 
 import pytest
+import torch
 
 from saetune.errors import SaetuneError
 from saetune.generation import (Completion, HFBackend, SamplingParams, VLLMBackend, cut_response, encode_prompt,
@@ -14,7 +15,7 @@ def test_render_prompt_templates(toy_base):
     assert render_prompt(tok, "compute ( 1 + 2 ) * 3 .", "chat") == "User : compute ( 1 + 2 ) * 3 . Assistant :"
     assert render_prompt(tok, "x", "raw") == "x"
     r1 = render_prompt(tok, "What is 2+2?", "r1zero")
-    assert r1.startswith("A conversation between User and Assistant")
+    assert r1.startswith("\nA conversation between User and Assistant")
     assert r1.endswith("User:\n What is 2+2?\n\nAssistant:\n <think>")
     with pytest.raises(SaetuneError, match="valid: chat, r1zero, raw"):
         render_prompt(tok, "x", "alpaca")
@@ -52,6 +53,41 @@ def test_hf_greedy_matches_toy_reference_and_batch_size(toy_base, one_thread):
     assert all(c.n_tokens == len(tok(c.text, add_special_tokens=False)["input_ids"]) for c in finished)
 
 
+@torch.no_grad()
+def _greedy_reference(model, tok, prompt: str, stop: set[int], cap: int) -> list[int]:
+    """Token by token argmax on one unpadded prompt, up to and including the first stop token or ``cap`` tokens."""
+    ids = torch.tensor([encode_prompt(tok, prompt, "chat")])
+    out: list[int] = []
+    while len(out) < cap and not (out and out[-1] in stop):
+        nxt = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return out
+
+
+def test_hf_truncated_marks_exactly_the_responses_that_hit_the_cap(toy_base, one_thread):
+    """Responses that end at the cap without a stop token are truncated, those with one are not (also when the stop
+    token is the cap-th token). Caps 22 and 23: the toy's task responses are 23 tokens, so each cap sees both."""
+    model, tok = toy_base
+    prompts = [e["prompt"] for e in task.examples(4, seed=5)] + [
+        "User : compute ( 1 + 2 ) * 3 . Assistant : <think> 1 + 2 = 3 . 3 * 3 = 9 .",  # stops after 10
+        "User : 3 3 3 3 Assistant :",  # stops on its 22nd token
+        "User : compute",  # repeats itself: never stops
+        "( ( ( ( ( (",  # 26 tokens: past both caps
+    ]
+    stop = set(generation_stop_ids(tok)) | {tok.eos_token_id}
+    ref = [_greedy_reference(model, tok, p, stop, 23) for p in prompts]
+    for cap in (22, 23):
+        params = SamplingParams(temperature=0, max_new_tokens=cap, stop_token_ids=tuple(generation_stop_ids(tok)))
+        got = HFBackend(model, tok, batch_size=len(prompts)).generate(prompts, params, [0] * len(prompts))
+        want_trunc = [not (stop & set(r[:cap])) for r in ref]
+        assert True in want_trunc and False in want_trunc, (cap, want_trunc)  # the case covers both directions
+        assert any(len(r) >= cap and r[cap - 1] in stop for r in ref), cap  # and a stop token exactly at the cap
+        for p, c, r, t in zip(prompts, got, ref, want_trunc):
+            n = cap if t else next(j + 1 for j, x in enumerate(r) if x in stop)
+            assert (c.truncated, c.n_tokens) == (t, n), (cap, p, c)
+
+
 def test_hf_sampling_on_random_qwen2_seeded(tiny_model_dir, one_thread):
     from saetune.models import load_model
     model, tok = load_model(str(tiny_model_dir), device="cpu")
@@ -64,7 +100,10 @@ def test_hf_sampling_on_random_qwen2_seeded(tiny_model_dir, one_thread):
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
     assert all(isinstance(x, Completion) and 1 <= x.n_tokens <= 6 for x in a)
-    assert all(x.truncated == (x.n_tokens == 6 and tok.eos_token_id not in x.token_ids) for x in a if x.truncated)
+    # both directions: truncated exactly when the 6 tokens hold no EOS (dropped from token_ids, so n_tokens counts one
+    # more than token_ids keeps when the response stopped)
+    assert all(x.truncated == (x.n_tokens == 6 and len(x.token_ids) == 6 and tok.eos_token_id not in x.token_ids)
+               for x in a)
     with pytest.raises(SaetuneError, match="one seed per prompt"):
         backend.generate(prompts, params, [1])
 

@@ -2,7 +2,6 @@
 closing the consumer stops the producer."""
 
 import threading
-import time
 
 import pytest
 import torch
@@ -34,12 +33,14 @@ def test_a_producer_error_surfaces_at_its_batch():
 
 def test_breaking_out_stops_the_producer():
     produced = []
-    before = threading.active_count()
+    others = set(threading.enumerate())
     it = prefetch(_gen(1000, log=produced), 2)
     for i, _ in enumerate(it):
         if i == 3:
+            producers = [t for t in threading.enumerate() if t.name == "saetune-prefetch" and t not in others]
             break
+    assert len(producers) == 1 and producers[0].is_alive()
     it.close()
-    time.sleep(0.05)
+    # close() joins the producer before it returns (its hooks must not outlive the generator): no wait needed
+    assert not producers[0].is_alive()
     assert len(produced) <= 3 + 1 + 2 + 1  # consumed + in flight + queue depth (+1 blocked on put)
-    assert threading.active_count() <= before

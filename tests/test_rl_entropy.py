@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -140,7 +139,8 @@ _DIST_WORKER = textwrap.dedent(
     import json, os, sys, torch, torch.distributed as dist
     from saetune.rl.entropy import high_entropy_mask
     rank = int(sys.argv[1])
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+    store = dist.TCPStore("127.0.0.1", int(sys.argv[2]), is_master=False)  # the test's store, already listening
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
     if rank == 0:   # 4 valid tokens: 1..4
         ent = torch.tensor([[1.0, 2.0, 3.0, 4.0, 50.0, 50.0]]); mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
     else:           # 6 valid tokens: 5..10
@@ -153,9 +153,9 @@ _DIST_WORKER = textwrap.dedent(
 
 
 def test_high_entropy_mask_quantile_across_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    # the rendezvous store binds port 0 here and stays up: no port picked, released, and raced for
+    store = torch.distributed.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, wait_for_workers=False)
+    port = str(store.port)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen([sys.executable, "-c", _DIST_WORKER, str(r), port], stdout=subprocess.PIPE,

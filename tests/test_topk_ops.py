@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from saetune.kernels.topk_sae import decode_dense, sparse_decode, topk_encode, topk_encode_dense
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=40, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 RTOL = 1e-4
 

@@ -208,7 +208,7 @@ def test_saetune_reward_manager_loaded_by_verl_scores_correctness_rpr_and_overlo
 
     cfg = OmegaConf.merge(recipe_cfg, {"reward": {"reward_kwargs": {"max_resp_len": 4096, "overlong_buffer_len": 512}}})
     (good, _), (bad, _) = asyncio.run(score(cfg, right)), asyncio.run(score(cfg, wrong))
-    assert good["reward_score"] == 1.0 and bad["reward_score"] == 0.0
+    assert good["reward_score"] == 1.0 and bad["reward_score"] == -1.0  # the recipe takes DAPO's +-1
     assert good["reward_extra_info"]["overlong_penalty"] == 0.0
     from saetune.rl.rewards import reasoning_pattern_reward
     rpr = reasoning_pattern_reward(toy_tok.decode(toy_tok(right, add_special_tokens=False)["input_ids"]))

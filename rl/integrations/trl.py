@@ -7,8 +7,12 @@ TRL's own keys (``trainer_state``, ``log_extra``, …); it wants one float per c
 strings, or, for conversational datasets, lists of ``{"role", "content"}`` messages (the last
 message's content is graded). The function's ``__name__`` is the name TRL logs it under.
 
-    from saetune.rl.integrations.trl import correctness_reward, rpr_reward
-    trainer = GRPOTrainer(model, reward_funcs=[correctness_reward, rpr_reward], ...)
+    from saetune.rl.integrations.trl import correctness_reward, correctness_or_rpr_reward, rpr_reward
+    trainer = GRPOTrainer(model, reward_funcs=[correctness_or_rpr_reward], ...)  # the noisy-rewards paper's
+
+TRL sums its reward functions, so ``[correctness_reward, rpr_reward]`` is RPR *added* to
+correctness, which the reference never does; :func:`make_rpr_reward` builds one function that
+joins them as the paper does (:func:`saetune.rl.rewards.combine_rpr`: ``wrong_only`` or ``alone``).
 
 A reward that fails raises (TRL stops the step): a silent 0 would train on a wrong signal.
 """
@@ -21,7 +25,8 @@ from typing import Any, Callable, Sequence
 from saetune.errors import SaetuneError
 from saetune.rl import rewards as _rewards
 
-__all__ = ["completion_text", "correctness_reward", "make_reward", "rpr_reward", "toy_correctness_reward"]
+__all__ = ["completion_text", "correctness_or_rpr_reward", "correctness_reward", "make_reward", "make_rpr_reward",
+           "rpr_reward", "toy_correctness_reward"]
 
 
 def completion_text(completion: Any) -> str:
@@ -109,3 +114,34 @@ _TOY_TOK = None
 toy_correctness_reward = make_reward(_toy_correct, "toy_correctness", needs_answer=True, tokenizer=_toy_tokenizer)
 #: The Reasoning Pattern Reward (SPEC_RL.md), no gold needed.
 rpr_reward = make_reward(_rewards.reasoning_pattern_reward, "rpr", needs_answer=False)
+
+
+def make_rpr_reward(mode: str = "wrong_only", grader: Callable[[str, Any], float] | None = None,
+                    rpr_weight: float = 1.0, name: str | None = None, answer_field: str = "answer",
+                    tokenizer: Any = None):
+    """One TRL reward joining correctness and RPR: ``combine_rpr(grader(text, gold), rpr_weight·RPR(text), mode)``.
+
+    ``mode``: ``wrong_only`` (default; the "noisy rewards" paper: a correct answer gets its
+    correctness reward, a wrong one its RPR), ``alone`` (RPR only; no gold needed) or ``add``.
+    ``grader`` defaults to math-verify (:func:`saetune.rl.rewards.correctness_reward`);
+    ``tokenizer`` as in :func:`make_reward`. Named ``correctness_rpr_<mode>`` unless ``name``.
+    """
+    if mode not in _rewards.RPR_MODES:
+        raise SaetuneError(f"unknown rpr mode {mode!r}; valid: {', '.join(_rewards.RPR_MODES)}")
+    if isinstance(rpr_weight, bool) or not isinstance(rpr_weight, (int, float)) or not math.isfinite(rpr_weight):
+        raise SaetuneError(f"rpr_weight must be a finite number, got {rpr_weight!r}")
+    grade = grader or _rewards.correctness_reward
+
+    def joined(text: str, gold: Any = None) -> float:
+        rpr = rpr_weight * _rewards.reasoning_pattern_reward(text)
+        correct = 0.0 if mode == "alone" else float(grade(text, gold))
+        return _rewards.combine_rpr(correct, rpr, mode)
+
+    if mode == "alone":
+        return make_reward(lambda text: joined(text), name or "rpr_alone", needs_answer=False, tokenizer=tokenizer)
+    return make_reward(joined, name or f"correctness_rpr_{mode}", needs_answer=True, answer_field=answer_field,
+                       tokenizer=tokenizer)
+
+
+#: Math-verify correctness for a correct answer, its RPR for a wrong one (the "noisy rewards" paper).
+correctness_or_rpr_reward = make_rpr_reward("wrong_only", name="correctness_or_rpr")

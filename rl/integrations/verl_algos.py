@@ -110,8 +110,12 @@ def dapo_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
 
     ``ε_low``/``ε_high`` are the actor's ``clip_ratio_low``/``clip_ratio_high`` (each falling
     back to ``clip_ratio``), ``c`` its ``clip_ratio_c``; aggregation is ``loss_agg_mode``
-    rescaled by :func:`global_batch_scale`. Rollout importance weights (verl's rollout
-    correction) are not applied by this loss: passing them is an error, not a silent change.
+    rescaled by :func:`global_batch_scale`. Dr.GRPO's ``seq-mean-token-sum-norm`` divides by the
+    constant verl's own aggregation uses: ``global_batch_info["loss_scale_factor"]`` (verl copies the
+    actor's ``loss_scale_factor`` there before each call) or else the response width, which verl's
+    rollout pads to ``rollout.response_length`` — a constant of the run either way. Rollout
+    importance weights (verl's rollout correction) are not applied by this loss: passing them is
+    an error, not a silent change.
     """
     if rollout_is_weights is not None:
         raise SaetuneError("loss_mode=saetune_dapo does not apply rollout importance weights; turn off "
@@ -119,7 +123,7 @@ def dapo_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
     clip = float(_cfg_get(config, "clip_ratio", 0.2))
     info = dict(_cfg_get(config, "global_batch_info", {}) or {})
     agg = resolve_agg_mode(loss_agg_mode)
-    norm = info.get("loss_scale_factor") or _cfg_get(config, "loss_scale_factor", None)
+    norm = info.get("loss_scale_factor")  # as verl's agg_loss: this, else the mask's width
     loss, metrics = policy_loss(
         log_prob, old_log_prob, advantages, response_mask,
         clip_low=float(_cfg_get(config, "clip_ratio_low", clip)),

@@ -2,13 +2,16 @@
 
 Per response (verl calls :meth:`SaetuneRewardManager.run_single` on one-row batches)::
 
-    score = correctness + rpr_weight · RPR + overlong_penalty(L)
+    score = combine_rpr(correctness, rpr_weight · RPR, rpr_mode) + overlong_penalty(L)
 
 ``correctness`` and ``RPR`` come from :func:`saetune.rl.integrations.verl.compute_score`
 (math-verify, gold first, or the toy task's exact match; the 40-phrase reasoning-pattern
-reward); ``rpr_weight`` is the row's ``extra_info["rpr_weight"]`` (written by
-``saetune verl-data --rpr-weight``) or ``reward.reward_kwargs.rpr_weight``; the overlong term
-is DAPO's soft punishment ``min(−(L − (L_max − B))/B, 0)`` when ``reward.reward_kwargs``
+reward) and are joined by :func:`saetune.rl.rewards.combine_rpr` (``wrong_only``, the "noisy
+rewards" paper's: a wrong answer gets its RPR instead of 0; ``alone``; ``add``, the default);
+``rpr_mode`` and ``rpr_weight`` are the row's ``extra_info`` values (written by
+``saetune verl-data --rpr-mode/--rpr-weight``) or else ``reward.reward_kwargs.rpr_mode`` /
+``.rpr_weight`` (and ``correctness_reward``: ``signed`` for DAPO's ±1). The extra info
+carries ``acc`` for ``algorithm.filter_groups.metric=acc``. The overlong term is DAPO's soft punishment ``min(−(L − (L_max − B))/B, 0)`` when ``reward.reward_kwargs``
 sets ``max_resp_len`` and ``overlong_buffer_len`` (CURE's recipe: B = 512). A custom
 ``compute_score`` configured in verl (``custom_reward_function``) replaces saetune's.
 The response is decoded with its special tokens except padding and EOS (the toy's tags are
@@ -28,6 +31,7 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 from saetune.errors import SaetuneError
 from saetune.rl.advantages import overlong_penalty
 from saetune.rl.integrations.verl import compute_score as saetune_compute_score
+from saetune.rl.rewards import RPR_MODES
 
 __all__ = ["SaetuneRewardManager"]
 
@@ -38,7 +42,7 @@ def _kwargs(config: Any) -> dict:
 
 
 class SaetuneRewardManager(RewardManagerBase):
-    """verl ``RewardManagerBase`` scoring with saetune's correctness + RPR (+ DAPO overlong penalty)."""
+    """verl ``RewardManagerBase`` scoring with saetune's correctness and RPR (+ DAPO overlong penalty)."""
 
     def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None,
                  reward_model_tokenizer=None, **_: Any):
@@ -50,6 +54,14 @@ class SaetuneRewardManager(RewardManagerBase):
         self.is_async = inspect.iscoroutinefunction(self.compute_score)
         kw = _kwargs(config)
         self.rpr_weight = kw.get("rpr_weight")
+        self.rpr_mode = kw.get("rpr_mode")
+        self.correctness_reward = kw.get("correctness_reward")
+        if self.correctness_reward not in (None, "binary", "signed"):
+            raise SaetuneError("reward.reward_kwargs.correctness_reward must be 'binary' (1/0) or 'signed' (+1/-1), "
+                               f"got {self.correctness_reward!r}")
+        if self.rpr_mode is not None and self.rpr_mode not in RPR_MODES:
+            raise SaetuneError(f"reward.reward_kwargs.rpr_mode must be one of {', '.join(RPR_MODES)}, "
+                               f"got {self.rpr_mode!r}")
         self.max_resp_len = kw.get("max_resp_len")
         self.overlong_buffer_len = kw.get("overlong_buffer_len")
         if (self.max_resp_len is None) != (self.overlong_buffer_len is None):
@@ -70,8 +82,9 @@ class SaetuneRewardManager(RewardManagerBase):
         valid = [int(t) for t in response_ids[:n_valid].tolist() if int(t) not in drop]
         ground_truth = item.non_tensor_batch["reward_model"]["ground_truth"]
         extra_info = dict(item.non_tensor_batch.get("extra_info", None) or {})
-        if self.rpr_weight is not None and "rpr_weight" not in extra_info:
-            extra_info["rpr_weight"] = self.rpr_weight
+        for key in ("rpr_weight", "rpr_mode", "correctness_reward"):  # the row's own setting wins
+            if getattr(self, key) is not None and key not in extra_info:
+                extra_info[key] = getattr(self, key)
         loop = asyncio.get_running_loop()
         text = await loop.run_in_executor(None, lambda: self.tokenizer.decode(valid, skip_special_tokens=False))
         args = dict(data_source=item.non_tensor_batch["data_source"], solution_str=text,

@@ -3,7 +3,8 @@
 - :func:`write_verl_dataset` writes a benchmark (or the toy task) as verl's RL parquet: one row
   per problem with ``data_source``, ``prompt`` (chat messages), ``ability``,
   ``reward_model = {"style": "rule", "ground_truth": answer}`` and ``extra_info``
-  (``index``, ``rpr_weight``) — the fields verl's ``RLHFDataset`` and reward managers read.
+  (``index``, and ``rpr_weight`` / ``rpr_mode`` when given) — the fields verl's ``RLHFDataset``
+  and reward managers read.
 - :func:`verl_command` turns a recipe (``saetune/recipes/verl/*.yaml``: a list of Hydra
   overrides for ``verl.trainer.main_ppo`` and the overrides a user must add) into the command
   line; ``saetune verl-train RECIPE key=value ...`` runs it.
@@ -40,19 +41,29 @@ def _rows(source: str, limit: int, seed: int, split: str) -> tuple[str, list[dic
     return name, load_benchmark(src, limit=limit, **kw)
 
 
-def write_verl_dataset(source: str, out: str | Path, *, limit: int = 0, rpr_weight: float = 0.0, seed: int = 0,
-                       split: str = "train") -> dict[str, Any]:
+def write_verl_dataset(source: str, out: str | Path, *, limit: int = 0, rpr_weight: float | None = None,
+                       seed: int = 0, split: str = "train", rpr_mode: str | None = None) -> dict[str, Any]:
     """Write ``source`` (``toy``, a benchmark name, a local JSONL/Parquet, or a hub id) as verl parquet.
 
     ``limit`` keeps the first rows (for ``toy``: how many problems to draw, default 1,024, from
-    ``random.Random(seed)``). ``rpr_weight`` goes into every row's ``extra_info`` and weighs the
-    reasoning-pattern reward in saetune's reward manager. The file is written atomically.
+    ``random.Random(seed)``). ``rpr_weight`` and ``rpr_mode``, when given, go into every row's
+    ``extra_info``: how saetune's reward manager weighs the reasoning-pattern reward and joins it
+    with correctness (:func:`saetune.rl.rewards.combine_rpr`; ``wrong_only`` with weight 1 is the
+    "noisy rewards" paper's; unset, the manager's ``reward_kwargs`` or its defaults apply). The
+    file is written atomically.
     """
     import math
 
     import pandas as pd
-    if not (isinstance(rpr_weight, (int, float)) and math.isfinite(rpr_weight) and rpr_weight >= 0):
+
+    from saetune.rl.rewards import RPR_MODES
+    if rpr_weight is not None and not (isinstance(rpr_weight, (int, float)) and math.isfinite(rpr_weight)
+                                       and rpr_weight >= 0):
         raise SaetuneError(f"rpr_weight must be a finite number ≥ 0, got {rpr_weight!r}")
+    if rpr_mode is not None and rpr_mode not in RPR_MODES:
+        raise SaetuneError(f"rpr_mode must be one of {', '.join(RPR_MODES)}, got {rpr_mode!r}")
+    rpr = {**({} if rpr_weight is None else {"rpr_weight": float(rpr_weight)}),
+           **({} if rpr_mode is None else {"rpr_mode": rpr_mode})}
     out = Path(out)
     if out.suffix != ".parquet":
         raise SaetuneError(f"verl reads parquet; name the output *.parquet, got {str(out)!r}")
@@ -62,7 +73,7 @@ def write_verl_dataset(source: str, out: str | Path, *, limit: int = 0, rpr_weig
         "prompt": [{"role": "user", "content": r["problem"]}],
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": r["answer"]},
-        "extra_info": {"index": i, "rpr_weight": float(rpr_weight), "split": split},
+        "extra_info": {"index": i, **rpr, "split": split},
     } for i, r in enumerate(rows)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

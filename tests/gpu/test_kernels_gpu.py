@@ -1,15 +1,16 @@
 """GPU checks of the Triton kernels (compiled, not interpreted): fast path equals the torch path at
 realistic shapes, bf16 dot in the entropy kernel, no host syncs in the SAE step, entropy memory.
-Skipped without CUDA, and under TRITON_INTERPRET=1 (which `make test` sets): run them with
-``python -m pytest tests/gpu`` on a GPU machine."""
+Marked ``gpu``; skipped without CUDA and under TRITON_INTERPRET=1 (which `make test` sets only where there
+is no NVIDIA GPU). On a GPU machine `make test` runs them, or alone: ``python -m pytest -m gpu tests/gpu``."""
 
 import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                                reason="needs CUDA and compiled (not interpreted) Triton kernels")
+COMPILED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not COMPILED, reason="needs CUDA and compiled (not interpreted) "
+                                                                       "Triton kernels")]
 
 
 @pytest.fixture(autouse=True)
