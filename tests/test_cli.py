@@ -86,7 +86,7 @@ def subprocess_results(tiny_model_dir, tmp_path_factory) -> dict[str, subprocess
     ("ill_typed_flag", ["'batch_size'", "'lots'", "expected int"]),
     ("existing_out", ["already holds", "--resume", "--overwrite"]),
     ("hub_offline", ["saetune-test-nonexistent-org/tiny-xyz", "hub"]),
-    ("missing_field", ["no field 'problem'", "'resa'", "fields present: question, solution"]),
+    ("missing_field", ["no field 'answer'", "'resa'", "fields present: question, solution"]),
 ])
 def test_bad_input_in_a_subprocess(subprocess_results, case, needles):
     r = subprocess_results[case]

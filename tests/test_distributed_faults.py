@@ -100,6 +100,21 @@ def _workers(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
     return out
 
 
+def _kill(launcher: subprocess.Popen, workers: dict[int, psutil.Process]) -> None:
+    """SIGKILL a torchrun job: its workers one by one (they run in sessions of their own, so killing the
+    launcher's process group leaves them, a stopped one for ever) and then the launcher's group."""
+    for w in workers.values():
+        try:
+            w.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    launcher.wait(timeout=30)
+
+
 def _assert_last_checkpoint_whole(d: Path, step: int) -> None:
     """latest.json names a checkpoint at ``step`` whose files are all there and load; nothing newer looks valid."""
     root = d / "checkpoints"
@@ -168,14 +183,14 @@ def test_a_hung_rank_fails_the_run_after_the_dist_timeout(store, tmp_path):
     log = open(tmp_path / "job.log", "w")
     job = subprocess.Popen(_cli(*_train_sae_args(store, out, max_steps=400), nproc=2), env=env, stdout=log,
                            stderr=subprocess.STDOUT, start_new_session=True)
+    workers: dict[int, psutil.Process] = {}
     try:
         _wait_for(lambda: (out / "checkpoints" / "latest.json").exists(), "checkpoint", job)
         workers = _workers(job)
         workers[1].send_signal(signal.SIGSTOP)
         _wait_for(lambda: _manifest(out)["status"] == "failed", "a failed manifest", job)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the stopped rank never reads torchrun's SIGTERM
-        job.wait(timeout=30)
+        _kill(job, workers)  # the stopped rank never reads torchrun's SIGTERM
         log.close()
     man = _manifest(out)
     assert man["status"] == "failed" and not (out / "sae").exists()
@@ -284,7 +299,7 @@ def test_a_second_run_on_a_live_run_dir_refuses_and_the_first_completes_untouche
             first.wait(timeout=STUCK_S)
         finally:
             if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
+                _kill(first, workers)
             log.close()
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
     man = _manifest(out)
@@ -351,6 +366,7 @@ def test_tune_rank_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapte
     log = open(tmp_path / "ddp.log", "w")
     job = subprocess.Popen(_cli("tune", *common, "--batch-size", "1", "--out", out, nproc=2), env=ENV, stdout=log,
                            stderr=subprocess.STDOUT, start_new_session=True)
+    workers: dict[int, psutil.Process] = {}
     try:
         _wait_for(lambda: (out / "checkpoints" / "latest.json").exists(), "checkpoint", job)
         workers = _workers(job)
@@ -370,7 +386,7 @@ def test_tune_rank_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapte
             pytest.fail(f"the tune job still ran {STUCK_S} s after its rank 1 was killed")
     finally:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+            _kill(job, workers)
         log.close()
     assert job.returncode != 0, (tmp_path / "ddp.log").read_text()[-3000:]
     man = _manifest(out)

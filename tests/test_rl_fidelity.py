@@ -272,7 +272,7 @@ def test_verl_reward_manager_takes_rpr_mode_from_its_kwargs(tmp_path):
     out = asyncio.run(mgr.run_single(one_row(wrong, {})))
     assert out["reward_score"] == pytest.approx(rpr) and out["reward_extra_info"]["acc"] == 0.0
     out = asyncio.run(mgr.run_single(one_row(wrong, {"rpr_mode": "add", "rpr_weight": 0.0})))  # the row wins
-    assert out["reward_score"] == 0.0
+    assert out["reward_score"] == -1.0  # the recipe's DAPO correctness (±1), no RPR added
     with pytest.raises(SaetuneError, match="rpr_mode"):
         load_reward_manager(OmegaConf.merge(cfg, {"reward": {"reward_kwargs": {"rpr_mode": "sum"}}}), tok)
     # verl-data writes the mode per row, and no rpr settings unless asked
