@@ -40,7 +40,8 @@ else:
             "critical_markers", "rpr_table", "rpr_token_hits", "reward_parts", "trace_tokens")},
         **{n: "saetune.analysis.reasoning_features" for n in (
             "reasoning_feature_records", "reasoning_feature_rows", "reasoning_counts", "reasoning_feature_table",
-            "threshold_sweep", "fit_gmm_1d", "layer_gmm", "gmm_density", "is_reasoning")},
+            "threshold_sweep", "fit_gmm_1d", "layer_gmm", "gmm_density", "is_reasoning", "passing_bands",
+            "bands_sentence")},
         **{n: "saetune.analysis.compare" for n in ("comparison_table", "stage_times")},
         **{n: "saetune.analysis.live" for n in ("prompt_activations", "top_features_of_prompt", "response_feature_acts")},
     }

@@ -131,6 +131,36 @@ def threshold_sweep(records: dict[str, Any], thresholds) -> pd.DataFrame:
         pd.DataFrame(columns=["threshold", "hook", "layer", "count"])
 
 
+def passing_bands(records: dict[str, Any]) -> pd.DataFrame:
+    """Every feature that is a reasoning feature at *some* threshold, and the band of τ where it is.
+
+    The rule holds exactly for ``a_other ≤ τ < min(a_open, a_close)``, so a feature passes somewhere iff
+    ``a_other < min(a_open, a_close)``; at the default τ = 0 only features silent on every other prompt
+    token pass. Columns hook, layer, feature, tau_from, tau_to (by layer, then feature).
+    """
+    rows = []
+    for h, r in (records.get("hooks") or {}).items():
+        for f, a_open, a_close, a_other in np.asarray(r.get("features") or np.zeros((0, 4)), float).reshape(-1, 4):
+            if a_other < min(a_open, a_close):
+                rows.append({"hook": h, "layer": int(r.get("layer", -1)), "feature": int(f),
+                             "tau_from": float(a_other), "tau_to": float(min(a_open, a_close))})
+    cols = ["hook", "layer", "feature", "tau_from", "tau_to"]
+    return pd.DataFrame(rows, columns=cols).sort_values(["layer", "feature"]).reset_index(drop=True)
+
+
+def bands_sentence(records: dict[str, Any], threshold: float) -> str:
+    """What the page says under the counts: the count at ``threshold`` and where any feature passes at all."""
+    n = int(reasoning_counts(records, threshold)["count"].sum())
+    bands = passing_bands(records)
+    head = f"{n} reasoning feature{'s' if n != 1 else ''} at τ = {threshold:g}"
+    if bands.empty:
+        return head + "; no feature passes the rule at any τ (each one positive on both tags fires at least as " \
+                      "strongly on another prompt token)."
+    spans = "; ".join(f"feature {b.feature} at `{b.hook}` for {b.tau_from:.3g} ≤ τ < {b.tau_to:.3g}"
+                      for b in bands.itertuples())
+    return head + f". Features that pass at some τ: {spans}."
+
+
 def fit_gmm_1d(x, weights=None, n_components: int = 3, iters: int = 500, min_std: float = 0.5,
                tol: float = 1e-9) -> dict[str, list[float]]:
     """Weighted 1-D Gaussian mixture by EM (deterministic: means start at weighted quantiles).

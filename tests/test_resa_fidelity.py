@@ -316,3 +316,38 @@ def test_tune_takes_the_derived_batch_and_the_kl_dtype(tmp_path, monkeypatch):
     assert rows[-1]["tokens"] == 2 * cfg.context_size
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert re.search(r"batch_size: 0\b", (tmp_path / "run" / "config.yaml").read_text())
+
+
+# ---- the reasoning-feature rule: the page and the README state the threshold they speak of ------------
+
+def _records(*features):
+    return {"hooks": {"model.layers.2": {"layer": 2, "d_sae": 8, "features": [list(f) for f in features]}}}
+
+
+def test_passing_bands_are_exactly_where_the_rule_holds():
+    import numpy as np
+
+    from saetune.analysis.reasoning_features import is_reasoning, passing_bands, reasoning_counts
+    # feature 1: silent elsewhere (passes from 0); 2: passes only for 0.4 ≤ τ < 0.5; 3: never (other ≥ tags)
+    recs = _records((1, 0.9, 0.7, 0.0), (2, 0.5, 0.6, 0.4), (3, 0.4, 0.5, 0.45))
+    bands = passing_bands(recs)
+    assert bands[["feature", "tau_from", "tau_to"]].values.tolist() == [[1, 0.0, 0.7], [2, 0.4, 0.5]]
+    for tau in np.linspace(0, 1, 101):  # the bands agree with the rule at every τ
+        expect = sum(is_reasoning(o, c, x, tau) for _, o, c, x in recs["hooks"]["model.layers.2"]["features"])
+        inside = sum(b.tau_from <= tau < b.tau_to for b in bands.itertuples())
+        assert int(reasoning_counts(recs, tau)["count"].sum()) == expect == inside
+
+
+def test_the_page_says_the_threshold_and_where_features_pass(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "features" / "features").mkdir(parents=True)
+    (tmp_path / "features" / "manifest.json").write_text(json.dumps({"stage": "features", "status": "complete"}))
+    (tmp_path / "features" / "features" / "reasoning.json").write_text(json.dumps(
+        {**_records((2, 0.5, 0.6, 0.4), (3, 0.4, 0.5, 0.45)), "threshold": 0.0}))
+    monkeypatch.setenv("SAETUNE_RUN_DIR", str(tmp_path))
+    at = AppTest.from_file(str(root / "app" / "pages" / "3_Reasoning_features.py"), default_timeout=60).run()
+    text = " ".join(m.value for m in at.markdown)
+    assert "0 reasoning features at τ = 0" in text and "feature 2 at `model.layers.2` for 0.4 ≤ τ < 0.5" in text
+    at.slider(key="threshold").set_value(0.45).run()
+    assert "1 reasoning feature at τ = 0.45" in " ".join(m.value for m in at.markdown)

@@ -51,6 +51,7 @@ if d is not None:
             except SaetuneError as e:
                 why = str(e)
             st.plotly_chart(plots.reasoning_counts_figure(counts, gmm, thr), key="counts")
+            st.markdown(rf.bands_sentence(records, thr))
             if gmm is not None:
                 st.markdown("**Gaussian mixture over layers** (Resa reports means ≈ 4.9 / 14.5 / 22.7 for its model)")
                 st.dataframe({"mean layer": np.round(gmm["means"], 2), "std": np.round(gmm["stds"], 2),
