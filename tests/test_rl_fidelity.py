@@ -92,17 +92,10 @@ def test_verl_dr_grpo_uses_verls_constant_through_its_engine_loss():
     from verl.workers.utils.losses import ppo_loss
 
     import saetune.rl.integrations.verl_plugin  # noqa: F401  (registers saetune_dapo)
-    g = torch.Generator().manual_seed(5)
+    from verl_batches import engine_batch
     b, p, r = 3, 4, 7
-    plen, rlen = torch.tensor([2, 4, 1]), torch.tensor([7, 3, 5])
-    attn = torch.zeros(b, p + r, dtype=torch.long)
-    for i in range(b):
-        attn[i, p - plen[i]:p + rlen[i]] = 1
-    rmask = attn[:, p:].clone()
-    old = -torch.rand(b, r, generator=g) * 2
-    adv = torch.randn(b, r, generator=g)
-    lp = (old + 0.5 * torch.randn(b, r, generator=g)) * rmask
-    flat = torch.cat([torch.cat([torch.zeros(int(plen[i]) - 1), lp[i, :rlen[i]], torch.zeros(1)]) for i in range(b)])
+    eb = engine_batch([2, 4, 1], [7, 3, 5], p, r, seed=5, spread=0.5)
+    attn, rmask, old, adv, flat = eb["attn"], eb["rmask"], eb["old"], eb["adv"], eb["flat"]
     base = _recipe_cfg().actor_rollout_ref.actor
     for lsf in (None, 4096):
         out = {}

@@ -342,18 +342,10 @@ def test_saetune_dapo_through_verls_engine_ppo_loss_equals_vanilla(recipe_cfg, d
     from verl.utils import tensordict_utils as tu
     from verl.utils.config import omega_conf_to_dataclass
     from verl.workers.utils.losses import ppo_loss
-    g = torch.Generator().manual_seed(11)
+    from verl_batches import engine_batch
     b, p, r = 4, 5, 6
-    plen, rlen = torch.tensor([2, 5, 3, 1]), torch.tensor([6, 2, 4, 1])
-    attn = torch.zeros(b, p + r, dtype=torch.long)
-    for i in range(b):
-        attn[i, p - plen[i]:p + rlen[i]] = 1
-    rmask = attn[:, p:].clone()
-    old = -torch.rand(b, r, generator=g) * 2
-    adv = torch.randn(b, r, generator=g)
-    lp = (old + 0.7 * torch.randn(b, r, generator=g)) * rmask
-    # the engine's flat output: per sequence its prompt + response tokens, shifted by one
-    flat = torch.cat([torch.cat([torch.zeros(int(plen[i]) - 1), lp[i, :rlen[i]], torch.zeros(1)]) for i in range(b)])
+    eb = engine_batch([2, 5, 3, 1], [6, 2, 4, 1], p, r, seed=11, spread=0.7)
+    attn, rmask, old, adv, flat = eb["attn"], eb["rmask"], eb["old"], eb["adv"], eb["flat"]
     out = {}
     for mode in ("saetune_dapo", "vanilla"):
         actor = omega_conf_to_dataclass(OmegaConf.merge(recipe_cfg.actor_rollout_ref.actor,
