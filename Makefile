@@ -75,12 +75,17 @@ test-latest:
 	$(MAKE) test VENV=.venv-latest LATEST=1
 
 # The lock is what the suite just passed with: local version labels (+cpu) dropped so a CUDA
-# machine takes the same release.
+# machine takes the same release. Upgrades done in several pip calls can leave an environment
+# whose versions pip would never pick together (one package's pin broken by a later upgrade), so
+# the new lock must resolve as a whole, as `make test` installs it, before it replaces the old one.
 lock: test-latest
 	{ echo "# saetune's lock: every direct and transitive dependency at the versions the whole test suite passed"; \
 	  echo "# with (Python $$(.venv-latest/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -s) $$(uname -m)). pip constraints: make demo / make test install with '-c constraints.txt'."; \
 	  echo "# Regenerate with 'make lock' (which first runs 'make test-latest'); never edit by hand."; \
 	  .venv-latest/bin/python -m pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > constraints.txt.tmp
+	.venv-latest/bin/python -m pip install --dry-run -q -c constraints.txt.tmp -e ".[dev,trl]" \
+		$(VERL_WITH_DEPS) $(DEEPSPEED) "$(TORCH_CPU)" || { echo "make lock: these versions do not resolve" \
+		"together (see pip's message above); constraints.txt is unchanged, the candidate is constraints.txt.tmp"; exit 1; }
 	mv constraints.txt.tmp constraints.txt
 
 bench: $(VENV)/.demo-installed
