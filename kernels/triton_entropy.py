@@ -15,6 +15,26 @@ from .launch import empty, interpreting, next_pow2
 
 
 @triton.jit
+def _logits_tile(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, rows, cols, rm, cm, D,
+                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 logits h·Wᵀ (+ b) of one (rows, cols) tile [BLOCK_N, BLOCK_V], accumulated over D in BLOCK_D steps."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dm = ds < D
+        h = tl.load(h_ptr + rows[:, None] * s_h0 + ds[None, :] * s_h1, mask=rm[:, None] & dm[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * s_w0 + ds[None, :] * s_w1, mask=cm[:, None] & dm[None, :], other=0.0)
+        if IEEE:  # fp32 inputs: full fp32 products, as torch's matmul (no tf32)
+            acc = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
                 N, V, D, tiles_per_split, inv_temp,
                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
@@ -33,18 +53,8 @@ def _fwd_kernel(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, t_ptr, m_ptr, s_ptr
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cm = cols < v_hi
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            dm = ds < D
-            h = tl.load(h_ptr + rows[:, None] * s_h0 + ds[None, :] * s_h1, mask=rm[:, None] & dm[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * s_w0 + ds[None, :] * s_w1, mask=cm[:, None] & dm[None, :], other=0.0)
-            if IEEE:  # fp32 inputs: full fp32 products, as torch's matmul (no tf32)
-                acc = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, tl.trans(w), acc)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        acc = _logits_tile(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, rows, cols, rm, cm, D,
+                           HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
         z = tl.where(cm[None, :], acc * inv_temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -73,18 +83,8 @@ def _dz_kernel(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, t_ptr, lse_ptr, ent_
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     rm = rows < N
     cm = cols < V
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        dm = ds < D
-        h = tl.load(h_ptr + rows[:, None] * s_h0 + ds[None, :] * s_h1, mask=rm[:, None] & dm[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * s_w0 + ds[None, :] * s_w1, mask=cm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    acc = _logits_tile(h_ptr, s_h0, s_h1, w_ptr, s_w0, s_w1, b_ptr, rows, cols, rm, cm, D,
+                       HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
     logp = acc * inv_temp - tl.load(lse_ptr + rows, mask=rm, other=0.0)[:, None]
     p = tl.exp(logp)
     ent = tl.load(ent_ptr + rows, mask=rm, other=0.0)

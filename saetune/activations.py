@@ -375,7 +375,7 @@ def cache(cfg: CacheConfig, out: str | Path | None = None, resume: bool = False,
         run.finish(summary=summary)
         return summary
     except BaseException as e:
-        run.fail(str(e) or type(e).__name__)
+        run.fail_with(e)
         raise
 
 

@@ -209,7 +209,7 @@ def merge(cfg: MergeConfig, out: str | Path | None = None, resume: bool = False,
         run.finish(model_card=card)
         return card
     except BaseException as e:
-        run.fail(str(e) or type(e).__name__)
+        run.fail_with(e)
         raise
 
 
@@ -222,7 +222,7 @@ def attach(cfg: AttachConfig, out: str | Path | None = None, resume: bool = Fals
         run.finish(result=result)
         return result
     except BaseException as e:
-        run.fail(str(e) or type(e).__name__)
+        run.fail_with(e)
         raise
 
 

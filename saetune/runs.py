@@ -431,6 +431,10 @@ class RunDir:
     def fail(self, reason: str) -> None:
         self.finish("failed", error=reason)
 
+    def fail_with(self, exc: BaseException) -> None:
+        """Record the run as failed by ``exc``: its message, else ``interrupted`` for Ctrl-C / SIGTERM, else its type."""
+        self.fail(str(exc) or ("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__))
+
 
 class SigtermInterrupts:
     """While a stage runs, SIGTERM raises ``KeyboardInterrupt("terminated by SIGTERM")`` as Ctrl-C would, so the

@@ -491,7 +491,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
         return results
     except BaseException as e:
         sigterm.stopping = True
-        run.fail(str(e) or ("interrupted" if isinstance(e, KeyboardInterrupt) else type(e).__name__))
+        run.fail_with(e)
         raise
     finally:
         sigterm.restore()

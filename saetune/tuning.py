@@ -625,7 +625,7 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
         return results
     except BaseException as e:
         sigterm.stopping = True
-        run.fail(str(e) or ("interrupted" if isinstance(e, KeyboardInterrupt) else type(e).__name__))
+        run.fail_with(e)
         raise
     finally:
         sigterm.restore()
