@@ -27,6 +27,10 @@ _LAZY = {
     "attach_sae": ("saetune.attach", "attach_sae"),
     "run_pipeline": ("saetune.pipeline", "run_pipeline"),
     "SaetuneError": ("saetune.errors", "SaetuneError"),
+    "saes": ("saetune.hooked", "saes"),
+    "run_with_cache": ("saetune.hooked", "run_with_cache"),
+    "run_with_saes": ("saetune.hooked", "run_with_saes"),
+    "run_with_hooks": ("saetune.hooked", "run_with_hooks"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

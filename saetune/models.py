@@ -3,8 +3,12 @@
 A hook point's canonical name is the HF module path of a decoder block, ``model.layers.12``,
 meaning the block's output hidden state (resid_post) — what Resa and sparsify hook.
 TransformerLens names (``blocks.12.hook_resid_post``, ``blocks.12.hook_mlp_out``,
-``blocks.12.hook_attn_out``, ``blocks.12.hook_resid_pre``) and sparsify names
-(``layers.12``, ``layers.12.mlp``) map onto module paths.
+``blocks.12.hook_attn_out``, ``blocks.12.hook_resid_pre``), their transformer-lens 3
+``TransformerBridge`` spellings (``blocks.12.hook_out``, ``blocks.12.hook_in``,
+``blocks.12.mlp.hook_out``, ``blocks.12.attn.hook_out``) and sparsify names (``layers.12``,
+``layers.12.mlp``) map onto module paths. :func:`parse_standard_hook` and :func:`tl_hook_names`
+translate the other way, for models that carry TransformerLens hook points
+(see :mod:`saetune.hooked`).
 
 A decoder layer may return a tensor (recent transformers) or a tuple whose first element is
 the hidden state (older ones, many remote-code models): hooks handle both.
@@ -75,7 +79,61 @@ def _hook_help(model: nn.Module) -> str:
     n = len(layers)
     return (f"valid hook names: {prefix}.0 … {prefix}.{n - 1} (block outputs), "
             f"{prefix}.N.mlp, {prefix}.N.self_attn, or TransformerLens names blocks.N.hook_resid_post / "
-            f"hook_resid_pre / hook_mlp_out / hook_attn_out, N in 0…{n - 1}")
+            f"hook_resid_pre / hook_mlp_out / hook_attn_out (TransformerBridge: blocks.N.hook_out / hook_in / "
+            f"mlp.hook_out / attn.hook_out), N in 0…{n - 1}")
+
+
+# The four standard hook points: site → (TransformerLens name, transformer-lens 3 TransformerBridge name),
+# each after ``blocks.N.``. The bridge also answers to the first spelling (its aliases).
+TL_SITE_NAMES = {"block": ("hook_resid_post", "hook_out"), "resid_pre": ("hook_resid_pre", "hook_in"),
+                 "mlp": ("hook_mlp_out", "mlp.hook_out"), "attn": ("hook_attn_out", "attn.hook_out")}
+_TL_SUFFIX_SITE = {suffix: site for site, pair in TL_SITE_NAMES.items() for suffix in pair}
+MLP_MODULE_NAMES = ("mlp", "feed_forward", "ffn")
+ATTN_MODULE_NAMES = ("self_attn", "attn", "attention", "self_attention")
+
+
+def parse_tl_hook(name: str) -> tuple[int, str] | None:
+    """``(layer, site)`` of a TransformerLens / TransformerBridge name of a standard point, else None.
+
+    ``blocks.3.hook_resid_post`` and ``blocks.3.hook_out`` → (3, "block"); ``blocks.3.hook_in`` →
+    (3, "resid_pre"); ``blocks.3.mlp.hook_out`` → (3, "mlp"); ``blocks.3.hook_attn_out`` → (3, "attn").
+    """
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _TL_SUFFIX_SITE:
+        return int(m.group(1)), _TL_SUFFIX_SITE[m.group(2)]
+    return None
+
+
+def parse_module_hook(name: str, prefixes: tuple[str, ...] = _LAYER_LISTS) -> tuple[int, str] | None:
+    """``(layer, site)`` of a HF module path / sparsify name of a standard point, else None.
+
+    ``model.layers.3`` / ``transformer.h.3`` / ``layers.3`` → (3, "block"); ``….3.mlp`` → (3, "mlp");
+    ``….3.self_attn`` / ``….3.attn`` → (3, "attn"); deeper paths (``….3.mlp.down_proj``) → None.
+    """
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        m = re.fullmatch(re.escape(prefix) + r"\.(\d+)(?:\.(\w+))?", name)
+        if not m:
+            continue
+        sub = m.group(2)
+        if sub is None:
+            return int(m.group(1)), "block"
+        if sub in MLP_MODULE_NAMES:
+            return int(m.group(1)), "mlp"
+        if sub in ATTN_MODULE_NAMES:
+            return int(m.group(1)), "attn"
+        return None
+    return None
+
+
+def parse_standard_hook(name: str) -> tuple[int, str] | None:
+    """``(layer, site)`` for any spelling of a standard point (HF path, sparsify, TL, TL3), else None."""
+    return parse_tl_hook(name) or parse_module_hook(name)
+
+
+def tl_hook_names(layer: int, site: str) -> tuple[str, str]:
+    """The TransformerLens and TransformerBridge names of a standard point: ``(classic, bridge)``."""
+    classic, bridge = TL_SITE_NAMES[site]
+    return f"blocks.{layer}.{classic}", f"blocks.{layer}.{bridge}"
 
 
 def resolve_hook(model: nn.Module, name: str) -> HookPoint:
@@ -91,20 +149,19 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
                                + _hook_help(model))
         return i
 
-    tl = re.fullmatch(r"blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out)", name)
+    tl = parse_tl_hook(name)
     if tl:
-        i, kind = layer_index(tl.group(1)), tl.group(2)
+        i, kind = layer_index(str(tl[0])), tl[1]
         block = f"{prefix}.{i}"
-        if kind == "hook_resid_post":
+        if kind == "block":
             return HookPoint(block, block, i, "block")
-        if kind == "hook_resid_pre":
+        if kind == "resid_pre":
             return HookPoint(f"blocks.{i}.hook_resid_pre", block, i, "resid_pre")
-        sub = _sub_path(layers[i], ("mlp", "feed_forward", "ffn") if kind == "hook_mlp_out"
-                        else ("self_attn", "attn", "attention", "self_attention"))
+        sub = _sub_path(layers[i], MLP_MODULE_NAMES if kind == "mlp" else ATTN_MODULE_NAMES)
         if sub is None:
-            raise SaetuneError(f"hook {name!r}: block {block} has no {'MLP' if 'mlp' in kind else 'attention'} "
+            raise SaetuneError(f"hook {name!r}: block {block} has no {'MLP' if kind == 'mlp' else 'attention'} "
                                f"submodule (children: {', '.join(dict(layers[i].named_children()))})")
-        return HookPoint(f"{block}.{sub}", f"{block}.{sub}", i, "mlp" if "mlp" in kind else "attn")
+        return HookPoint(f"{block}.{sub}", f"{block}.{sub}", i, kind)
 
     sp = re.fullmatch(r"layers\.(\d+)(\.(.+))?", name)
     if sp and prefix != "layers":
@@ -119,8 +176,7 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
             return HookPoint(name, name, i, "block")
         if name in modules:
             rest = m.group(3)
-            site = "mlp" if rest in ("mlp", "feed_forward", "ffn") else (
-                "attn" if rest in ("self_attn", "attn", "attention") else "module")
+            site = "mlp" if rest in MLP_MODULE_NAMES else ("attn" if rest in ATTN_MODULE_NAMES else "module")
             return HookPoint(name, name, i, site)
     raise SaetuneError(f"unknown hook name {name!r}; " + _hook_help(model))
 
