@@ -44,7 +44,7 @@ def cuda_time(fn, steps=20, warm=5):
 
 
 def check_ops():
-    from saetune.kernels.topk_sae import decode_dense, sparse_decode, topk_encode
+    from saetune.kernels.topk_sae import decode_dense, sparse_decode_torch, topk_encode_torch
     torch.manual_seed(0)
     B, d, n, k = 37, 96, 1000, 13
     x = torch.randn(B, d, device="cuda", requires_grad=True)
@@ -52,8 +52,8 @@ def check_ops():
     b = torch.randn(n, device="cuda", requires_grad=True)
     Wd = torch.randn(n, d, device="cuda", requires_grad=True)
     g = torch.randn(B, d, device="cuda")
-    v, i, _, _ = topk_encode(x, W, b, k)
-    out = sparse_decode(v, i, Wd)
+    v, i, _, _ = topk_encode_torch(x, W, b, k)
+    out = sparse_decode_torch(v, i, Wd)
     out.backward(g)
     grads = [t.grad.clone() for t in (x, W, b, Wd)]
     for t in (x, W, b, Wd):
@@ -67,11 +67,11 @@ def check_ops():
     RES["ops_check"] = {"out_rel_err": float((out - ref).abs().max() / ref.abs().max()), "grad_rel_err": errs,
                         "ok": max(errs) < 1e-4}
     # the one-node TopK SAE the trainer uses, against the same dense reference (b_dec = 0 here)
-    from saetune.kernels.topk_sae import topk_sae
+    from saetune.kernels.topk_sae import topk_autoencode_torch
     for t in (x, W, b, Wd):
         t.grad = None
     bd = torch.zeros(d, device="cuda", requires_grad=True)
-    xh, v2, i2 = topk_sae(x, W, b, Wd, bd, k)
+    xh, v2, i2 = topk_autoencode_torch(x, W, b, Wd, bd, k)
     xh.backward(g)
     fused = [t.grad.clone() for t in (x, W, b, Wd)]
     errs2 = [float((a - r).abs().max() / (r.abs().max() + 1e-12)) for a, r in zip(fused, grads)]

@@ -1,6 +1,7 @@
 """Helpers shared by every kernel launch: output buffers and block sizes.
 
-Plain torch, no triton: ``dispatch``, the torch references and the Triton modules all import it.
+Plain torch, no triton, no other kernels module: ``dispatch`` and the Triton modules import it, so
+neither needs the other for these.
 """
 
 from __future__ import annotations

@@ -1,4 +1,19 @@
-"""TopK-SAE training ops with sparse backward passes (plain-torch reference path).
+"""The SAE ops' plain-torch references: the torch path of every op of ``dispatch`` but the entropy.
+
+Each public op of ``saetune.kernels`` has two implementations with one signature, named after it:
+``<op>_torch`` here and ``<op>_triton`` in a ``triton_*`` module; ``dispatch.<op>`` picks one::
+
+    topk_autoencode   topk_autoencode_torch (TopKAutoencode)   triton_sparse.topk_autoencode_triton
+    topk_encode       topk_encode_torch     (TopKEncode)       triton_sparse.topk_encode_triton
+    sparse_decode     sparse_decode_torch   (SparseDecode)     triton_sparse.sparse_decode_triton
+    topk_select       topk_select_torch                        triton_topk.topk_select_triton
+    batch_topk        batch_topk_torch                         triton_topk.batch_topk_triton
+    sae_update        sae_update_torch                         triton_optim.sae_update_triton
+
+(and ``linear_entropy_logprob``: ``entropy.linear_entropy_logprob_torch``,
+``triton_entropy.linear_entropy_logprob_triton``.)
+
+This module never imports triton (nor ``dispatch``): it runs wherever torch does.
 
 Shapes: B tokens, d = d_in, n = d_sae, k active latents per token.
 
@@ -151,7 +166,7 @@ class SparseDecode(torch.autograd.Function):
         return dv, None, dW
 
 
-class TopKSAE(torch.autograd.Function):
+class TopKAutoencode(torch.autograd.Function):
     """The whole TopK SAE, (x, W_enc, b_enc, W_dec, b_dec) → (x̂, v, i), in one autograd node.
 
     Same maths as :class:`TopKEncode` followed by :class:`SparseDecode`, but the backward builds
@@ -204,26 +219,26 @@ class TopKSAE(torch.autograd.Function):
         return dx_in, dW_enc, db_enc.to(W_enc.dtype), dW_dec, db_dec, None
 
 
-def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """x̂, v, i of a TopK SAE in one autograd node (see :class:`TopKSAE`)."""
-    return TopKSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k)
+# ---- the torch path of each op (dispatch calls these; same signatures as the *_triton ones) -----
+
+def topk_autoencode_torch(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """x̂, v, i of a TopK SAE in one autograd node (see :class:`TopKAutoencode`)."""
+    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k)
 
 
-def topk_encode(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None,
-                k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def topk_encode_torch(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None,
+                      k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-k encoder with sparse backward; optionally the AuxK selection among ``aux_mask`` latents."""
     if aux_mask is not None:
         k_aux = min(k_aux, int(aux_mask.sum()))
     return TopKEncode.apply(x_in, W_enc, b_enc, k, aux_mask, k_aux)
 
 
-def sparse_decode(v: Tensor, i: Tensor, W_dec: Tensor) -> Tensor:
+def sparse_decode_torch(v: Tensor, i: Tensor, W_dec: Tensor) -> Tensor:
     """Σ_j v[b,j] · W_dec[i[b,j]] → (B, d), without b_dec."""
     return SparseDecode.apply(v, i, W_dec)
 
-
-# ---- torch twins of the Triton selection and optimiser ops (dispatch's torch path) --------------
 
 def topk_select_torch(pre: Tensor, k: int, aux_mask: Tensor | None = None, k_aux: int = 0
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -239,6 +254,20 @@ def topk_select_torch(pre: Tensor, k: int, aux_mask: Tensor | None = None, k_aux
     else:
         va, ia = v.new_zeros(v.shape[0], 0), i.new_zeros(i.shape[0], 0)
     return v, i, va, ia
+
+
+def batch_topk_torch(pre: Tensor, k: int) -> Tensor:
+    """BatchTopK (Bussmann et al. 2024): keep the k·B largest ReLU(pre) of the whole batch ``pre``
+    [..., n] (B = its tokens, k·B capped at ``pre.numel()``), zero elsewhere; differentiable in ``pre``.
+
+    Exactly k·B survive (a flat ``torch.topk``; which of equal values at the cut, torch decides),
+    where ``triton_topk.batch_topk_triton`` keeps every value ≥ the threshold θ, ties included.
+    ``SAE.batch_topk`` calls this."""
+    flat = pre.relu().reshape(-1)
+    n_tok = pre.numel() // pre.shape[-1]
+    keep = min(k * n_tok, flat.numel())
+    v, i = flat.topk(keep, sorted=False)
+    return torch.zeros_like(flat).scatter(0, i, v).reshape(pre.shape)
 
 
 def batch_topk_threshold_torch(pre: Tensor, keep: int) -> Tensor:

@@ -1,7 +1,8 @@
-"""The Triton half of :func:`saetune.kernels.entropy.linear_entropy_logprob` (maths and shapes in
-that module's docstring): the forward over vocabulary splits with an online logsumexp, and the
-backward's ∂logits tiles. Imported only on the Triton path (``kernels.dispatch``); the torch path
-lives in ``entropy`` and never imports triton.
+"""The Triton path of ``linear_entropy_logprob`` (maths and shapes in ``entropy``'s docstring): the
+forward over vocabulary splits with an online logsumexp, the backward's ∂logits tiles, and
+:func:`linear_entropy_logprob_triton` (:class:`LinearEntropyLogprobTriton`) around them, whose
+backward is ``entropy.chunked_backward`` with the Triton ∂logits. Imported only on the Triton path
+(``kernels.dispatch``); the torch path lives in ``entropy`` and never imports triton.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .entropy import check_inputs, chunked_backward
 from .launch import empty, interpreting, next_pow2
 
 
@@ -158,3 +160,28 @@ def dlogits_triton(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
         inv_temp, ignore_index, HAS_BIAS=bias is not None, IEEE=_ieee_dot(h, weight),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
     return z
+
+
+class LinearEntropyLogprobTriton(torch.autograd.Function):
+    """(hidden, weight, bias, targets, temperature, ignore_index) → (entropy, logprob) by the kernels
+    above; same contract as ``entropy.LinearEntropyLogprob``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index):
+        inv_temp = 1.0 / temperature
+        ent, lp, lse = forward_triton(hidden, weight, bias, targets, inv_temp, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, targets, ent, lse)
+        ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
+        return ent, lp
+
+    @staticmethod
+    def backward(ctx, g_ent, g_lp):
+        return chunked_backward(ctx, g_ent, g_lp, dlogits_triton)
+
+
+def linear_entropy_logprob_triton(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+                                  temperature: float = 1.0, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """The Triton path of ``linear_entropy_logprob``: (entropy, logprob), both float32 [N]; logits never
+    written. Same signature and results as ``entropy.linear_entropy_logprob_torch``."""
+    check_inputs(hidden, weight, targets, bias, temperature)
+    return LinearEntropyLogprobTriton.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index))

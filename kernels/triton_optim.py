@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .launch import next_pow2
-from .topk_sae import sae_update_torch
+from .topk_sae import sae_update_torch  # the fallback for an optimiser or SAE the pass does not fuse
 
 BLOCK = 1024
 

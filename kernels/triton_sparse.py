@@ -202,10 +202,10 @@ def sparse_t_matmul(values: Tensor, idx: Tensor, n: int, dense: Tensor) -> Tenso
     return out
 
 
-# ---- autograd Functions: same contract as topk_sae.TopKSAE / TopKEncode / SparseDecode ---------
+# ---- autograd Functions: same contract as topk_sae.TopKAutoencode / TopKEncode / SparseDecode ---
 
-class TopKSAETriton(torch.autograd.Function):
-    """(x, W_enc, b_enc, W_dec, b_dec, k) → (x̂, v, i); see ``topk_sae.TopKSAE`` for the maths."""
+class TopKAutoencodeTriton(torch.autograd.Function):
+    """(x, W_enc, b_enc, W_dec, b_dec, k) → (x̂, v, i); see ``topk_sae.TopKAutoencode`` for the maths."""
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int):
@@ -286,3 +286,22 @@ class SparseDecodeTriton(torch.autograd.Function):
             order, crow = latent_order(i, W_dec.shape[0])
             dW, _, _ = latent_major(order, crow, i.shape[1], W_dec.shape[0], a=(v, g_out, W_dec.dtype))
         return dv, None, dW
+
+
+# ---- the Triton path of each op (dispatch calls these; same signatures as topk_sae's *_torch) ----
+
+def topk_autoencode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """x̂, v, i of a TopK SAE in one autograd node (see :class:`TopKAutoencodeTriton`)."""
+    return TopKAutoencodeTriton.apply(x, W_enc, b_enc, W_dec, b_dec, k)
+
+
+def topk_encode_triton(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_mask: Tensor | None = None,
+                       k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k encoder with sparse backward; optionally the AuxK selection among ``aux_mask`` latents."""
+    return TopKEncodeTriton.apply(x_in, W_enc, b_enc, k, aux_mask, k_aux)
+
+
+def sparse_decode_triton(v: Tensor, i: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_j v[b,j] · W_dec[i[b,j]] → (B, d), without b_dec."""
+    return SparseDecodeTriton.apply(v, i, W_dec)

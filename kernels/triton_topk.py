@@ -33,7 +33,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import empty, next_pow2
-from .topk_sae import batch_topk_threshold_torch
 
 RADIX_BITS = 8  # digits of 8 bits: 4 passes over the row, a 256-bin histogram each (untuned on a GPU)
 
@@ -177,11 +176,12 @@ def batch_topk_threshold_triton(pre: Tensor, keep: int) -> Tensor:
     return _key_to_float(prefix)
 
 
-def batch_topk(pre: Tensor, k: int, use_triton: bool = False) -> Tensor:
+def batch_topk_triton(pre: Tensor, k: int) -> Tensor:
     """BatchTopK activations through a global threshold: ReLU(pre) where ReLU(pre) ≥ θ, θ the
-    (k·tokens)-th largest ReLU(pre) of the batch. Differentiable in ``pre`` (the mask is not)."""
+    (k·tokens)-th largest ReLU(pre) of the batch. Differentiable in ``pre`` (the mask is not).
+    Ties at θ are all kept, where the reference ``topk_sae.batch_topk_torch`` keeps exactly k·tokens."""
     n_tok = pre.numel() // pre.shape[-1]
     keep = min(k * n_tok, pre.numel())
-    theta = (batch_topk_threshold_triton if use_triton else batch_topk_threshold_torch)(pre.detach(), keep)
+    theta = batch_topk_threshold_triton(pre.detach(), keep)
     r = pre.relu()
     return r * (r.detach().float() >= theta).to(r.dtype)

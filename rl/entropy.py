@@ -1,5 +1,8 @@
 """Token entropy and the selection rules built on it: 80/20 high-entropy tokens, Clip-Cov, KL-Cov.
 
+``token_entropy`` is ``saetune.kernels.entropy.token_entropy`` (defined beside the fused
+entropy kernel, whose reference it is; the kernels never import ``saetune.rl``).
+
 Shapes: ``logits`` ``[..., V]``; everything else ``[B, T]`` over response tokens with a
 ``{0, 1}`` (float or bool) ``mask``.
 """
@@ -13,35 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from saetune.errors import SaetuneError
+from saetune.kernels.entropy import token_entropy  # noqa: F401  (public here; defined with the kernels)
 from saetune.rl.losses import _as_mask, _check_shape
-
-
-def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy of ``softmax(logits / temperature)`` over the last dim: ``[..., V] → [...]``.
-
-    ``H = logsumexp(z) − Σ_v softmax(z)_v · z_v`` with ``z = logits / temperature`` — the form
-    verl uses (``entropy_from_logits``), evaluated as ``−Σ p·log p`` with ``log p = z − logsumexp(z)``
-    (equal, and free of cancellation when H ≈ 0). Computed in float32 for fp16/bf16/fp32 input and in
-    float64 for float64 input; differentiable. ``-inf`` logits (masked vocabulary) contribute
-    0, not ``nan``.
-    """
-    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
-        what = f"dtype {logits.dtype}, shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
-        raise SaetuneError(f"logits must be a floating tensor [..., V], got {what}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise SaetuneError(f"temperature must be a positive finite number, got {temperature!r}")
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(dtype)
-    if temperature != 1.0:
-        z = z / temperature  # [..., V]
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [..., 1]
-    logp = z - lse  # [..., V]
-    p = torch.exp(logp)
-    # Σ_v p_v·z_v − lse = Σ_v p_v·log p_v since Σ p = 1; summing p·log p avoids the cancellation
-    # of two large numbers when H is small. Where p = 0 (z = -inf), use 0 in place of log p so
-    # 0·(-inf) gives neither nan nor a nan gradient.
-    logp_safe = torch.where(p > 0, logp, torch.zeros((), dtype=dtype, device=z.device))
-    return -(p * logp_safe).sum(-1)
 
 
 def _quantile(sorted_x: Tensor, q: float) -> Tensor:

@@ -1,11 +1,11 @@
-"""The one-node TopK SAE (``topk_sae``) equals encode + decode and the dense definition."""
+"""The one-node TopK SAE (``topk_autoencode_torch``) equals encode + decode and the dense definition."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saetune.kernels.topk_sae import decode_dense, sparse_decode, topk_encode, topk_sae
+from saetune.kernels.topk_sae import decode_dense, sparse_decode_torch, topk_autoencode_torch, topk_encode_torch
 
 
 def _params(B, d, n, seed):
@@ -22,7 +22,7 @@ def test_fused_equals_dense_reference(B, d, n, seed, upstream, use_v, data):
     ps = _params(B, d, n, seed)
     a = [p.clone().requires_grad_() for p in ps]
     r = [p.clone().requires_grad_() for p in ps]
-    x_hat, v, i = topk_sae(*a, k)
+    x_hat, v, i = topk_autoencode_torch(*a, k)
     # dense reference at the same selection: x̂ = (mask ⊙ ReLU(pre)) W_dec + b_dec
     pre = (r[0] - r[4]) @ r[1] + r[2]
     mask = torch.zeros_like(pre, dtype=torch.bool).scatter(-1, i, True)
@@ -45,9 +45,9 @@ def test_fused_equals_two_node_path():
     ps = _params(64, 16, 200, 0)
     a = [p.clone().requires_grad_() for p in ps]
     b = [p.clone().requires_grad_() for p in ps]
-    x_hat, v, i = topk_sae(*a, 7)
-    v2, i2, _, _ = topk_encode(b[0] - b[4], b[1], b[2], 7)
-    x_hat2 = sparse_decode(v2, i2, b[3]) + b[4]
+    x_hat, v, i = topk_autoencode_torch(*a, 7)
+    v2, i2, _, _ = topk_encode_torch(b[0] - b[4], b[1], b[2], 7)
+    x_hat2 = sparse_decode_torch(v2, i2, b[3]) + b[4]
     assert torch.equal(i, i2) and torch.allclose(x_hat, x_hat2)
     (x_hat ** 2).sum().backward()
     (x_hat2 ** 2).sum().backward()
@@ -56,7 +56,7 @@ def test_fused_equals_two_node_path():
 
 
 def test_indices_are_not_differentiable():
-    x_hat, v, i = topk_sae(*[p.requires_grad_() for p in _params(4, 3, 10, 1)], 2)
+    x_hat, v, i = topk_autoencode_torch(*[p.requires_grad_() for p in _params(4, 3, 10, 1)], 2)
     assert not i.requires_grad and v.requires_grad and x_hat.requires_grad
     with pytest.raises(RuntimeError):
         i.float().sum().backward()

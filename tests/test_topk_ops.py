@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from saetune.kernels.topk_sae import decode_dense, sparse_decode, topk_encode, topk_encode_dense
+from saetune.kernels.topk_sae import decode_dense, sparse_decode_torch, topk_encode_dense, topk_encode_torch
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -108,7 +108,7 @@ def backprop(out: torch.Tensor, g: torch.Tensor | None) -> None:
         out.backward(g)
 
 
-# ---- topk_encode -------------------------------------------------------------------------------
+# ---- topk_encode_torch -------------------------------------------------------------------------
 
 @SETTINGS
 @given(shape=shapes(), seed=st.integers(0, 2**31 - 1), quantised=st.booleans(),
@@ -117,7 +117,7 @@ def test_topk_encode_matches_dense(shape, seed, quantised, grad):
     B, d, n, k = shape
     x0, W0, b0, _ = make_problem(B, d, n, seed, quantised)
     x, W, b = leaves(x0, W0, b0)
-    v, i, va, ia = topk_encode(x, W, b, k)
+    v, i, va, ia = topk_encode_torch(x, W, b, k)
     assert v.shape == (B, k) and va.shape[1] == 0 and ia.shape[1] == 0
     pre = pre64(x0, W0, b0)
     check_valid_topk(pre, i, k)
@@ -155,10 +155,10 @@ def test_topk_encode_ties_whose_choice_does_not_matter():
     b0[:6] = 5.0  # only 6 positive latents: 3 of the 9 slots go to tied ones
     for grad in ("sum", "random"):
         x, W, b, Wd = leaves(x0, W0, b0, Wd0)
-        v, i, _, _ = topk_encode(x, W, b, k)
+        v, i, _, _ = topk_encode_torch(x, W, b, k)
         check_valid_topk(pre64(x0, W0, b0), i, k)
         assert ((i >= 6).sum(-1) == 3).all()
-        out = sparse_decode(v, i, Wd)
+        out = sparse_decode_torch(v, i, Wd)
         G = upstream(grad, (B, d), 11)
         backprop(out, G)
         xr, Wr, br, Wdr = leaves(x0.double(), W0.double(), b0.double(), Wd0.double())
@@ -183,11 +183,11 @@ def test_topk_encode_tie_between_copies_at_the_boundary():
     rank = int((pre[0] > pre[0, 8]).sum())  # latents strictly above the pair
     k = rank + 1  # the pair occupies ranks k and k+1: exactly one of them is selected
     x, W, b, Wd = leaves(x0, W0, b0, Wd0)
-    v, i, _, _ = topk_encode(x, W, b, k)
+    v, i, _, _ = topk_encode_torch(x, W, b, k)
     check_valid_topk(pre, i, k)
     pair = (i == 8) | (i == 9)
     assert (pair.sum(-1) == 1).all()
-    out = sparse_decode(v, i, Wd)
+    out = sparse_decode_torch(v, i, Wd)
     G = upstream("random", (B, d), 2)
     out.backward(G)
     xr, Wr, br, Wdr = leaves(x0.double(), W0.double(), b0.double(), Wd0.double())
@@ -208,13 +208,13 @@ def test_topk_encode_relu_clipped_get_no_gradient():
     x0, W0, b0, _ = make_problem(B, d, n, 4, quantised=False)
     b0 -= 10.0  # every pre-activation negative: all selected values clip to 0
     x, W, b = leaves(x0, W0, b0)
-    v, i, _, _ = topk_encode(x, W, b, k)
+    v, i, _, _ = topk_encode_torch(x, W, b, k)
     assert (v == 0).all()
     v.sum().backward()
     assert (x.grad == 0).all() and (W.grad == 0).all() and (b.grad == 0).all()
 
 
-# ---- sparse_decode ----------------------------------------------------------------------------
+# ---- sparse_decode_torch ----------------------------------------------------------------------
 
 @SETTINGS
 @given(shape=shapes(), seed=st.integers(0, 2**31 - 1), grad=st.sampled_from(["sum", "random"]),
@@ -229,7 +229,7 @@ def test_sparse_decode_matches_dense(shape, seed, grad, duplicates):
     v0 = torch.randn(B, k, generator=g).relu()
     Wd0 = torch.randn(n, d, generator=g)
     v, Wd = leaves(v0, Wd0)
-    out = sparse_decode(v, i, Wd)
+    out = sparse_decode_torch(v, i, Wd)
     assert out.shape == (B, d)
     vr, Wdr = leaves(v0.double(), Wd0.double())
     acts = torch.zeros(B, n, dtype=torch.float64).scatter_add(1, i, vr)
@@ -246,13 +246,13 @@ def test_sparse_decode_matches_dense(shape, seed, grad, duplicates):
 @given(shape=shapes(), seed=st.integers(0, 2**31 - 1), quantised=st.booleans(),
        grad=st.sampled_from(["sum", "random"]))
 def test_encode_decode_chain_matches_dense(shape, seed, quantised, grad):
-    """x̂ = sparse_decode(topk_encode(x_in)) vs decode_dense(topk_encode_dense(x_in)), all five grads."""
+    """x̂ = sparse_decode_torch(topk_encode_torch(x_in)) vs decode_dense(topk_encode_dense(x_in)), all five grads."""
     B, d, n, k = shape
     x0, W0, b0, Wd0 = make_problem(B, d, n, seed, quantised)
     x, W, b, Wd = leaves(x0, W0, b0, Wd0)
-    v, i, _, _ = topk_encode(x, W, b, k)
+    v, i, _, _ = topk_encode_torch(x, W, b, k)
     v.retain_grad()
-    out = sparse_decode(v, i, Wd)
+    out = sparse_decode_torch(v, i, Wd)
     pre = pre64(x0, W0, b0)
     check_valid_topk(pre, i, k)
     G = upstream(grad, (B, d), seed)
@@ -279,8 +279,8 @@ def test_stride_zero_gradient_explicitly():
     grads = []
     for g_out in (torch.ones(1, 1).expand(B, d), torch.ones(B, d), torch.ones(d, B).t()):
         x, W, b, Wd = leaves(x0, W0, b0, Wd0)
-        v, i, _, _ = topk_encode(x, W, b, k)
-        sparse_decode(v, i, Wd).backward(g_out)
+        v, i, _, _ = topk_encode_torch(x, W, b, k)
+        sparse_decode_torch(v, i, Wd).backward(g_out)
         grads.append([t.grad.clone() for t in (x, W, b, Wd)])
     assert grads[0][0].abs().sum() > 0
     for other in grads[1:]:
@@ -301,7 +301,7 @@ def test_auxk_selection_and_gradients(shape, seed, k_aux, dead_frac, grad):
     if not dead.any():
         dead[int(torch.randint(0, n, (1,), generator=gm))] = True
     x, W, b, Wd = leaves(x0, W0, b0, Wd0)
-    v, i, va, ia = topk_encode(x, W, b, k, aux_mask=dead, k_aux=k_aux)
+    v, i, va, ia = topk_encode_torch(x, W, b, k, aux_mask=dead, k_aux=k_aux)
     n_aux = min(k_aux, int(dead.sum()))
     assert va.shape == ia.shape == (B, n_aux)
     assert dead[ia].all(), "AuxK picked a latent outside the dead set"
@@ -313,8 +313,8 @@ def test_auxk_selection_and_gradients(shape, seed, k_aux, dead_frac, grad):
     close(va, pre.gather(1, ia).relu(), "aux values")
 
     # main reconstruction + AuxK reconstruction of a target, both through the shared encoder
-    x_hat = sparse_decode(v, i, Wd)
-    e_hat = sparse_decode(va, ia, Wd)
+    x_hat = sparse_decode_torch(v, i, Wd)
+    e_hat = sparse_decode_torch(va, ia, Wd)
     G1, G2 = upstream(grad, (B, d), seed), upstream(grad, (B, d), seed + 3)
     if G1 is None:
         (x_hat.sum() + 0.5 * e_hat.sum()).backward()
@@ -344,11 +344,11 @@ def test_auxk_trains_the_encoder_of_dead_latents():
     dead = torch.zeros(n, dtype=torch.bool)
     dead[10:] = True
     x, W, b, Wd = leaves(x0, W0, b0, Wd0)
-    v, i, va, ia = topk_encode(x, W, b, k, aux_mask=dead, k_aux=6)
+    v, i, va, ia = topk_encode_torch(x, W, b, k, aux_mask=dead, k_aux=6)
     assert (i < 10).all(), "setup: live latents should win the main top-k"
     assert dead[ia].all() and (va > 0).any()
     target = torch.randn(B, d, generator=torch.Generator().manual_seed(0))
-    auxk = (sparse_decode(va, ia, Wd) - target).pow(2).sum()
+    auxk = (sparse_decode_torch(va, ia, Wd) - target).pow(2).sum()
     auxk.backward()
     fired_aux = torch.unique(ia[va > 0])
     col_norm = W.grad.norm(dim=0)
@@ -368,15 +368,15 @@ def test_auxk_edge_cases():
     B, d, n, k = 4, 6, 20, 3
     x0, W0, b0, _ = make_problem(B, d, n, 7, quantised=False)
     none = torch.zeros(n, dtype=torch.bool)
-    v, i, va, ia = topk_encode(x0, W0, b0, k, aux_mask=none, k_aux=5)
+    v, i, va, ia = topk_encode_torch(x0, W0, b0, k, aux_mask=none, k_aux=5)
     assert va.shape == ia.shape == (B, 0)
     two = none.clone()
     two[[4, 17]] = True
-    v, i, va, ia = topk_encode(x0, W0, b0, k, aux_mask=two, k_aux=5)  # k_aux > number dead: clamp
+    v, i, va, ia = topk_encode_torch(x0, W0, b0, k, aux_mask=two, k_aux=5)  # k_aux > number dead: clamp
     assert ia.shape == (B, 2)
     assert (ia.sort(-1).values == torch.tensor([4, 17])).all()
     # the main selection is unaffected by the mask
-    v2, i2, _, _ = topk_encode(x0, W0, b0, k)
+    v2, i2, _, _ = topk_encode_torch(x0, W0, b0, k)
     assert torch.equal(i.sort(-1).values, i2.sort(-1).values)
     torch.testing.assert_close(v.sort(-1).values, v2.sort(-1).values)
 
@@ -385,8 +385,8 @@ def test_auxk_edge_cases():
 def test_extreme_shapes(B, d, n, k):
     x0, W0, b0, Wd0 = make_problem(B, d, n, 8, quantised=False)
     x, W, b, Wd = leaves(x0, W0, b0, Wd0)
-    v, i, _, _ = topk_encode(x, W, b, k)
-    out = sparse_decode(v, i, Wd)
+    v, i, _, _ = topk_encode_torch(x, W, b, k)
+    out = sparse_decode_torch(v, i, Wd)
     out.sum().backward()
     xr, Wr, br, Wdr = leaves(x0.double(), W0.double(), b0.double(), Wd0.double())
     ok = unambiguous_rows(pre64(x0, W0, b0), k)

@@ -39,13 +39,13 @@ def test_topk_select_large_rows():
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_topk_autoencode_equals_torch_path(autocast, monkeypatch):
     from saetune.kernels import topk_autoencode
-    from saetune.kernels.topk_sae import TopKSAE
+    from saetune.kernels.topk_sae import TopKAutoencode
     ps = _sae_params(1000, 96, 3001)
     a = [p.clone().requires_grad_() for p in ps]
     r = [p.clone().requires_grad_() for p in ps]
     with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None):
         x_hat, v, i = topk_autoencode(*a, 32)
-        x_ref, v_ref, i_ref = TopKSAE.apply(*r, 32)
+        x_ref, v_ref, i_ref = TopKAutoencode.apply(*r, 32)
     assert torch.equal(i.sort(-1).values, i_ref.sort(-1).values)
     tol = 1e-4 if autocast is None else 2e-2
     assert (x_hat - x_ref).abs().max() <= tol * x_ref.abs().max()
