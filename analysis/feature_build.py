@@ -448,9 +448,8 @@ def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = 
     model_name = cfg.model or recorded_model(sae_dirs, sae_run)
     data_cfg = training_data(cfg, sae_run)
     device = resolve_device(cfg.device)
-    run = RunDir.open(out, "features", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
-                      inputs=(model_name, *sae_dirs.values()))
-    try:
+    with RunDir.open(out, "features", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
+                     inputs=(model_name, *sae_dirs.values())) as run:
         with run.phase("load"):
             model, tok = load_model(model_name, dtype=cfg.model_dtype, device=device)
             saes = {h: SAE.load(p) for h, p in sae_dirs.items()}
@@ -482,6 +481,3 @@ def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = 
         run.add_artifact("features", "features")
         run.finish(summary=summary)
         return summary
-    except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
-        raise

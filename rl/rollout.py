@@ -251,82 +251,119 @@ def _generate(model, rows: list[list[int]], params: SampleParams, pad_id: int, s
     return [row[:m] for row, m in zip(gen[:, width:].tolist(), max_new)]
 
 
+def _stop_ids(model, tokenizer, params: SampleParams) -> list[int]:
+    """Token ids that end a response: the model's generation EOS, the tokenizer's, then ``params.stop_token_ids``
+    (first occurrence order, no repeats)."""
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop_ids: list[int] = []
+    for src in (gen_eos, tokenizer.eos_token_id, *params.stop_token_ids):
+        for i in (src if isinstance(src, (list, tuple)) else [src]):
+            if i is not None and int(i) not in stop_ids:
+                stop_ids.append(int(i))
+    return stop_ids
+
+
+def _pad_id(tokenizer) -> int:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise SaetuneError("the tokenizer has neither a pad nor an EOS token; batched sampling needs one")
+    return pad_id
+
+
+class _Sampler:
+    """One :func:`sample` call: its fixed settings and, per prompt, the response so far (``responses``,
+    ``pmask``, ``calls``, ``truncated``). A round generates for the active rows; a row whose response ends in a tool
+    call gets the tool's answer and goes on in the next round."""
+
+    def __init__(self, model, tokenizer, prompts: list[list[int]], params: SampleParams, tool):
+        self.model, self.tokenizer, self.prompts, self.params, self.tool = model, tokenizer, prompts, params, tool
+        self.pad_id = _pad_id(tokenizer)
+        self.stop_ids = _stop_ids(model, tokenizer, params)
+        self.limit = params.context_size or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.stop_strings = tuple(params.stop_strings) + ((tool.stop_string(),) if tool is not None else ())
+        self.run_params = SampleParams(params.temperature, params.top_p, params.max_new_tokens,
+                                       params.stop_token_ids, self.stop_strings, params.context_size,
+                                       params.max_tool_calls)
+        n = len(prompts)
+        self.responses: list[list[int]] = [[] for _ in range(n)]
+        self.pmask: list[list[int]] = [[] for _ in range(n)]
+        self.calls = [0] * n
+        self.truncated = [False] * n
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _room(self, chunk: list[int], rows: list[list[int]]) -> list[int]:
+        """New tokens each row of ``chunk`` may still take (length cap and context cap); a first-round prompt
+        that leaves none is an error."""
+        room = [self.params.max_new_tokens - len(self.responses[i]) for i in chunk]
+        if self.limit:
+            room = [min(r, int(self.limit) - len(row)) for r, row in zip(room, rows)]
+        if any(r < 1 for r in room) and not any(self.responses[i] for i in chunk):
+            raise SaetuneError(f"a prompt of {max(len(r) for r in rows)} tokens leaves {min(room)} tokens of room in "
+                               f"a context of {self.limit}; shorten prompts or raise context_size")
+        return room
+
+    def generate_chunk(self, chunk: list[int], seed: int) -> list[int]:
+        """Generate for the rows of ``chunk`` (indices into the prompts) at ``seed``; the rows that go on."""
+        rows = [self.prompts[i] + self.responses[i] for i in chunk]
+        room = self._room(chunk, rows)
+        go = [k for k, r in enumerate(room) if r >= 1]
+        for k, r in enumerate(room):
+            if r < 1:
+                self.truncated[chunk[k]] = True
+        if not go:
+            return []
+        new_rows = _generate(self.model, [rows[k] for k in go], self.run_params, self.pad_id, self.stop_ids,
+                             [room[k] for k in go], self.decode, seed)
+        return [chunk[k] for k, new in zip(go, new_rows) if self.take(chunk[k], new)]
+
+    def take(self, i: int, new: list[int]) -> bool:
+        """Append row ``i``'s new tokens up to its first stop; answer a pending tool call. Whether it goes on."""
+        kept, stopped = cut_at_stop(new, self.stop_ids, self.stop_strings, self.decode)
+        self.responses[i] += kept
+        self.pmask[i] += [1] * len(kept)
+        expr = self.tool.pending_call(self.decode(self.responses[i])) if (self.tool is not None and stopped) else None
+        if expr is not None and self.calls[i] < self.params.max_tool_calls and (kept and kept[-1] not in self.stop_ids):
+            self.calls[i] += 1
+            ans = self.tokenizer(self.tool.answer(expr), add_special_tokens=False)["input_ids"]
+            self.responses[i] += ans
+            self.pmask[i] += [0] * len(ans)
+            room_left = not self.limit or len(self.prompts[i]) + len(self.responses[i]) < self.limit
+            if len(self.responses[i]) < self.params.max_new_tokens and room_left:
+                return True
+            self.truncated[i] = True
+        elif not stopped:
+            self.truncated[i] = True
+        return False
+
+    def texts(self) -> list[str]:
+        """Each response decoded without EOS and padding (other special tokens kept)."""
+        skip = {i for i in (self.tokenizer.eos_token_id, self.pad_id) if i is not None}
+        return [self.decode([t for t in r if t not in skip]) for r in self.responses]
+
+
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], params: SampleParams, seed: int,
            tool=None, batch_size: int = 256, compute_scores: bool = True) -> Rollout:
     """Sample one response per prompt (repeat a prompt for a group), then score it (module docs).
 
     ``tool``: an object with ``stop_string()``, ``pending_call(text) -> str | None`` and
-    ``answer(expr) -> str`` (e.g. :class:`saetune.rl.tools.Calculator`), or None.
+    ``answer(expr) -> str`` (e.g. :class:`saetune.rl.tools.Calculator`), or None. Round ``r``'s chunk starting
+    at active row ``a`` samples with seed ``seed + 7919·r + a``.
     """
     prompts = [[int(t) for t in p] for p in prompt_ids]
     if not prompts:
         return Rollout([], [], [], [], [], [])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise SaetuneError("the tokenizer has neither a pad nor an EOS token; batched sampling needs one")
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop_ids = []
-    for src in (gen_eos, tokenizer.eos_token_id, *params.stop_token_ids):
-        for i in (src if isinstance(src, (list, tuple)) else [src]):
-            if i is not None and int(i) not in stop_ids:
-                stop_ids.append(int(i))
-    limit = params.context_size or getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    stop_strings = tuple(params.stop_strings) + ((tool.stop_string(),) if tool is not None else ())
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-    run_params = SampleParams(params.temperature, params.top_p, params.max_new_tokens, params.stop_token_ids,
-                              stop_strings, params.context_size, params.max_tool_calls)
-
-    n = len(prompts)
-    responses: list[list[int]] = [[] for _ in range(n)]
-    pmask: list[list[int]] = [[] for _ in range(n)]
-    calls = [0] * n
-    truncated = [False] * n
-    active = list(range(n))
+    smp = _Sampler(model, tokenizer, prompts, params, tool)
+    active = list(range(len(prompts)))
     round_ = 0
     while active:
         nxt = []
         for a in range(0, len(active), batch_size):
-            chunk = active[a:a + batch_size]
-            rows = [prompts[i] + responses[i] for i in chunk]
-            room = [params.max_new_tokens - len(responses[i]) for i in chunk]
-            if limit:
-                room = [min(r, int(limit) - len(row)) for r, row in zip(room, rows)]
-            if any(r < 1 for r in room) and not any(responses[i] for i in chunk):
-                bad = min(room)
-                raise SaetuneError(f"a prompt of {max(len(r) for r in rows)} tokens leaves {bad} tokens of room in a "
-                                   f"context of {limit}; shorten prompts or raise context_size")
-            go = [k for k, r in enumerate(room) if r >= 1]
-            for k, r in enumerate(room):
-                if r < 1:
-                    truncated[chunk[k]] = True
-            if not go:
-                continue
-            new_rows = _generate(model, [rows[k] for k in go], run_params, pad_id, stop_ids,
-                                 [room[k] for k in go], decode, seed + 7919 * round_ + a)
-            for k, new in zip(go, new_rows):
-                i = chunk[k]
-                kept, stopped = cut_at_stop(new, stop_ids, stop_strings, decode)
-                responses[i] += kept
-                pmask[i] += [1] * len(kept)
-                text_so_far = decode(responses[i])
-                expr = tool.pending_call(text_so_far) if (tool is not None and stopped) else None
-                if expr is not None and calls[i] < params.max_tool_calls and (kept and kept[-1] not in stop_ids):
-                    calls[i] += 1
-                    ans = tokenizer(tool.answer(expr), add_special_tokens=False)["input_ids"]
-                    responses[i] += ans
-                    pmask[i] += [0] * len(ans)
-                    room_left = not limit or len(prompts[i]) + len(responses[i]) < limit
-                    if len(responses[i]) < params.max_new_tokens and room_left:
-                        nxt.append(i)
-                    else:
-                        truncated[i] = True
-                elif not stopped:
-                    truncated[i] = True
+            nxt += smp.generate_chunk(active[a:a + batch_size], seed + 7919 * round_ + a)
         active = nxt
         round_ += 1
-    skip = {i for i in (tokenizer.eos_token_id, pad_id) if i is not None}
-    texts = [tokenizer.decode([t for t in r if t not in skip], skip_special_tokens=False) for r in responses]
-    ro = Rollout(prompts, responses, pmask, texts, truncated, calls)
+    ro = Rollout(prompts, smp.responses, smp.pmask, smp.texts(), smp.truncated, smp.calls)
     if compute_scores:
-        ro.logprobs, ro.entropies = score_responses(model, prompts, responses, pad_id, params.temperature)
+        ro.logprobs, ro.entropies = score_responses(model, prompts, smp.responses, smp.pad_id, params.temperature)
     return ro

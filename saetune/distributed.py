@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .runs import RecordsFailure
+
 
 def requested_engine() -> str:
     """The engine ``accelerate launch`` was configured for: 'fsdp', 'deepspeed', or 'ddp' (also plain torchrun)."""
@@ -303,8 +305,9 @@ class Dist:
             self.acc.end_training()
 
 
-class FollowerRun:
-    """What a non-zero rank holds instead of a :class:`RunDir`: the path, and writes that do nothing."""
+class FollowerRun(RecordsFailure):
+    """What a non-zero rank holds instead of a :class:`RunDir`: the path, and writes that do nothing (``with run:``
+    still turns SIGTERM into ``KeyboardInterrupt``, as on rank 0)."""
 
     def __init__(self, path):
         from pathlib import Path

@@ -2,8 +2,10 @@
 
 Layout (see ARCHITECTURE.md): ``config.yaml``, ``manifest.json`` (status, versions, seed,
 device, phase times, artifacts with hashes), ``metrics.jsonl`` and the stage's artifacts.
-An existing run dir is refused unless ``resume`` or ``overwrite`` is given; a lock file keeps
-two live processes out of one dir. ``overwrite`` deletes only a run dir of the same stage, never
+``with run:`` records a failure, Ctrl-C and SIGTERM the one way (:meth:`RunDir.fail_with`);
+:class:`Checkpoints` is the one writer and reader of ``checkpoints/step_NNNNNNN/``. An existing
+run dir is refused unless ``resume`` or ``overwrite`` is given; a lock file keeps two live
+processes out of one dir. ``overwrite`` deletes only a run dir of the same stage, never
 the working directory or an input (:func:`check_overwrite`); paths a run records work from any
 directory and after its pipeline dir is moved (:func:`record_path`, :func:`resolve_recorded`).
 """
@@ -26,7 +28,8 @@ from typing import Any, Iterator
 
 from . import config as _config
 from .errors import SaetuneError
-from .io import atomic_write_json, atomic_write_text, check_writable_dir, sha256_dir, sha256_file
+from .io import (atomic_replace_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text,
+                 check_writable_dir, sha256_dir, sha256_file)
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -230,8 +233,30 @@ def check_overwrite_parent(path: Path, kind: str, inputs: list[str | Path] = ())
                            "another --out, or delete it yourself if it is no longer needed")
 
 
-class RunDir:
-    """A stage's output directory. Use :meth:`open`; then ``phase``, ``log``, ``finish``."""
+class RecordsFailure:
+    """``with run:`` around a stage's work: an exception, Ctrl-C or SIGTERM that leaves the block is recorded by
+    ``run.fail_with(exc)`` (status failed, the lock freed) and raised again. SIGTERM raises
+    ``KeyboardInterrupt("terminated by SIGTERM")`` inside the block (:class:`SigtermInterrupts`), so a killed run
+    records ``terminated by SIGTERM`` and Ctrl-C ``interrupted``, in every verb alike."""
+
+    def __enter__(self):
+        self._sigterm = SigtermInterrupts()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        sigterm = self._sigterm
+        try:
+            if exc is not None:
+                sigterm.stopping = True  # a second SIGTERM must not cut the record short
+                self.fail_with(exc)
+        finally:
+            sigterm.restore()
+        return False
+
+
+class RunDir(RecordsFailure):
+    """A stage's output directory. Use :meth:`open`; then ``phase``, ``log``, ``finish``; ``with run:`` around
+    the work records a failure (:class:`RecordsFailure`)."""
 
     def __init__(self, path: Path, stage: str, manifest: dict[str, Any]):
         self.path = path
@@ -263,47 +288,9 @@ class RunDir:
         if exists and (path / LOCK).exists():
             cls._check_lock(path / LOCK)  # a live run's dir: say so before anything else
         if resume:
-            if not (path / MANIFEST).exists():
-                raise SaetuneError(f"cannot resume {str(path)!r}: it holds no run (no {MANIFEST})")
-            manifest = json.loads((path / MANIFEST).read_text())
-            if manifest.get("stage") != stage:
-                raise SaetuneError(f"cannot resume {str(path)!r} as '{stage}': it holds a "
-                                   f"'{manifest.get('stage')}' run")
-            saved = _config.read_yaml(path / CONFIG)
-            # keys a newer saetune added take their defaults, so old runs stay resumable
-            try:
-                saved = _config.to_dict(_config.from_dict(type(cfg), saved))
-            except SaetuneError:
-                pass  # unknown or ill-typed saved keys: the diff below names them
-            changed = _config.diff_configs(saved, cfg_dict, ignore=resume_ignore)
-            if changed:
-                details = "; ".join(f"{k}: {saved.get(k)!r} -> {cfg_dict.get(k)!r}" for k in changed)
-                raise SaetuneError(f"cannot resume {str(path)!r} with a changed config ({details}); "
-                                   "resume with the saved config or start a new run dir")
-            run = cls(path, stage, manifest)
-            run._lock()
-            manifest["status"] = "running"
-            manifest.setdefault("resumed_at", []).append(_now())
-            run.write_manifest()
-            return run
-        if exists and not overwrite and unworked_run(path, stage):
-            for name in BOOKKEEPING:  # a run refused before any work: the corrected retry takes its place
-                (path / name).unlink(missing_ok=True)
-        elif exists:
-            if not overwrite:
-                if not (path / MANIFEST).exists():
-                    raise SaetuneError(f"output dir {str(path)!r} already holds files that are not a saetune run (no "
-                                       f"{MANIFEST}), which neither --resume nor --overwrite will touch; choose "
-                                       "another --out (a new or empty dir)")
-                m = json.loads((path / MANIFEST).read_text())
-                held = f"output dir {str(path)!r} already holds a '{m.get('stage')}' run (status {m.get('status')})"
-                if m.get("stage") != stage:
-                    raise SaetuneError(f"{held}, which a '{stage}' run can neither --resume nor --overwrite; choose "
-                                       "another --out")
-                raise SaetuneError(f"{held}; pass --resume to continue it, --overwrite to replace it, or choose "
-                                   "another --out")
-            check_overwrite(path, stage, [*config_paths(cfg_dict), *inputs])
-            shutil.rmtree(path)
+            return cls._reopen(path, stage, cfg, cfg_dict, resume_ignore)
+        if exists:
+            cls._clear(path, stage, overwrite, [*config_paths(cfg_dict), *inputs])
         path.mkdir(parents=True, exist_ok=True)
         manifest = {
             "stage": stage, "status": "running", "saetune_format": 1,
@@ -315,6 +302,58 @@ class RunDir:
         atomic_write_text(path / CONFIG, _config.dump_yaml(cfg))
         run.write_manifest()
         return run
+
+    @classmethod
+    def _reopen(cls, path: Path, stage: str, cfg: Any, cfg_dict: dict[str, Any],
+                resume_ignore: tuple[str, ...]) -> "RunDir":
+        """The '``stage``' run in ``path``, running again: refused when it holds none or when ``cfg`` differs from
+        its saved config (keys in ``resume_ignore`` aside)."""
+        if not (path / MANIFEST).exists():
+            raise SaetuneError(f"cannot resume {str(path)!r}: it holds no run (no {MANIFEST})")
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("stage") != stage:
+            raise SaetuneError(f"cannot resume {str(path)!r} as '{stage}': it holds a "
+                               f"'{manifest.get('stage')}' run")
+        saved = _config.read_yaml(path / CONFIG)
+        # keys a newer saetune added take their defaults, so old runs stay resumable
+        try:
+            saved = _config.to_dict(_config.from_dict(type(cfg), saved))
+        except SaetuneError:
+            pass  # unknown or ill-typed saved keys: the diff below names them
+        changed = _config.diff_configs(saved, cfg_dict, ignore=resume_ignore)
+        if changed:
+            details = "; ".join(f"{k}: {saved.get(k)!r} -> {cfg_dict.get(k)!r}" for k in changed)
+            raise SaetuneError(f"cannot resume {str(path)!r} with a changed config ({details}); "
+                               "resume with the saved config or start a new run dir")
+        run = cls(path, stage, manifest)
+        run._lock()
+        manifest["status"] = "running"
+        manifest.setdefault("resumed_at", []).append(_now())
+        run.write_manifest()
+        return run
+
+    @staticmethod
+    def _clear(path: Path, stage: str, overwrite: bool, inputs: list[str | Path]) -> None:
+        """Make the non-empty ``path`` ready for a new run: a run refused before any work is replaced; anything
+        else only with ``overwrite`` and only when :func:`check_overwrite` allows it."""
+        if not overwrite and unworked_run(path, stage):
+            for name in BOOKKEEPING:  # a run refused before any work: the corrected retry takes its place
+                (path / name).unlink(missing_ok=True)
+            return
+        if not overwrite:
+            if not (path / MANIFEST).exists():
+                raise SaetuneError(f"output dir {str(path)!r} already holds files that are not a saetune run (no "
+                                   f"{MANIFEST}), which neither --resume nor --overwrite will touch; choose "
+                                   "another --out (a new or empty dir)")
+            m = json.loads((path / MANIFEST).read_text())
+            held = f"output dir {str(path)!r} already holds a '{m.get('stage')}' run (status {m.get('status')})"
+            if m.get("stage") != stage:
+                raise SaetuneError(f"{held}, which a '{stage}' run can neither --resume nor --overwrite; choose "
+                                   "another --out")
+            raise SaetuneError(f"{held}; pass --resume to continue it, --overwrite to replace it, or choose "
+                               "another --out")
+        check_overwrite(path, stage, inputs)
+        shutil.rmtree(path)
 
     @staticmethod
     def _check_lock(lock: Path) -> None:
@@ -459,6 +498,148 @@ class SigtermInterrupts:
     def restore(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+STATE = "state"  # state.json (step + the stage's meta) and state.safetensors (RNG + the stage's state tensors)
+
+
+def capture_rng() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The process's RNG state as ``(tensors, json)``: torch's CPU generator (``torch_rng``), CUDA's when present
+    (``cuda_rng``), numpy's Mersenne Twister key (``numpy_rng``) as tensors; Python's ``random`` and numpy's
+    position as JSON. :func:`restore_rng` puts it back."""
+    import random
+
+    import numpy as np
+    import torch
+    tensors = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy_rng"] = torch.from_numpy(np.asarray(key, dtype=np.int64))
+    version, py_state, py_gauss = random.getstate()
+    return tensors, {"python": [version, list(py_state), py_gauss],
+                     "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+
+def restore_rng(tensors: dict[str, Any], json_state: dict[str, Any] | None = None) -> None:
+    """Put back what :func:`capture_rng` took; each generator only when the checkpoint holds it (older
+    checkpoints hold ``torch_rng`` alone; ``cuda_rng`` needs CUDA here)."""
+    import random
+
+    import numpy as np
+    import torch
+    if "torch_rng" in tensors:
+        torch.set_rng_state(tensors["torch_rng"])
+    if "cuda_rng" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda_rng"])
+    json_state = json_state or {}
+    if "numpy_rng" in tensors and "numpy" in json_state:
+        n = json_state["numpy"]
+        np.random.set_state((n["kind"], tensors["numpy_rng"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["gauss"]))
+    if "python" in json_state:
+        version, py_state, py_gauss = json_state["python"]
+        random.setstate((version, tuple(py_state), py_gauss))
+
+
+class Checkpoint:
+    """One written checkpoint dir: ``step``, ``meta`` (its ``state.json``), and readers of its files."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.meta: dict[str, Any] = json.loads((self.path / f"{STATE}.json").read_text())
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def tensors(self, name: str) -> dict[str, Any]:
+        """The tensors saved under ``name`` (``<name>.safetensors``)."""
+        from safetensors.torch import load_file
+        return load_file(str(self.path / f"{name}.safetensors"))
+
+    def load_optimizer(self, opt: Any, name: str = "optim") -> None:
+        """Load the optimizer state saved under ``name`` into ``opt`` (anything with ``load_state_dict``)."""
+        from .optim import load_optimizer
+        load_optimizer(opt, self.path / name)
+
+    def restore_rng(self) -> None:
+        """Put the RNG state saved with this checkpoint back (see :func:`restore_rng`)."""
+        f = self.path / f"{STATE}.safetensors"
+        restore_rng(self.tensors(STATE) if f.exists() else {}, self.meta.get("rng"))
+
+
+class Checkpoints:
+    """The resumable state of a run: ``<run>/checkpoints/step_NNNNNNN/`` dirs and ``latest.json``.
+
+    :meth:`save` writes a whole checkpoint under a temporary name (``.tmp-step_NNNNNNN``), renames it into place,
+    then points ``latest.json`` at it (each write atomic), then deletes all but the newest ``keep`` step dirs
+    (``keep`` 0: none). A crash at any point leaves ``latest.json`` naming a complete checkpoint (or no
+    ``latest.json``). A checkpoint dir holds ``state.json`` (``step`` and the stage's ``meta``), one
+    ``<name>.safetensors`` per entry of ``tensors``, ``<name>.safetensors`` + ``<name>.json`` per optimizer, and,
+    with ``rng``, the RNG state (:func:`capture_rng`: tensors in ``state.safetensors``, the rest in
+    ``state.json['rng']``). Never pickle. ``root`` is a run (anything with ``.path``) or a dir.
+    """
+
+    def __init__(self, root: Any, keep: int = 2, *, dirname: str = CHECKPOINTS):
+        base = Path(root.path if hasattr(root, "path") else root)
+        self.root = base / dirname
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise SaetuneError(f"keep_checkpoints must be an integer of 0 or more (0 keeps all), got {keep!r}")
+        self.keep = keep
+
+    def save(self, step: int, tensors: dict[str, dict[str, Any]] | None = None, meta: dict[str, Any] | None = None,
+             *, optimizers: dict[str, Any] | None = None, rng: bool = False) -> Path:
+        """Write checkpoint ``step`` (see the class); returns its dir. ``optimizers`` maps a file name to an
+        optimizer (anything with ``state_dict()``) or to its state dict."""
+        from types import SimpleNamespace
+
+        from .optim import save_optimizer
+        tensors = {k: dict(v) for k, v in (tensors or {}).items()}
+        state_json: dict[str, Any] = {"step": int(step), **(meta or {})}
+        if rng:
+            rng_tensors, rng_json = capture_rng()
+            clash = sorted(set(rng_tensors) & set(tensors.get(STATE, {})))
+            if clash:
+                raise SaetuneError(f"checkpoint state tensors {clash} clash with the RNG state's names; rename them")
+            tensors[STATE] = {**tensors.get(STATE, {}), **rng_tensors}
+            state_json["rng"] = rng_json
+        final, tmp = self.root / f"step_{step:07d}", self.root / f".tmp-step_{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a killed run
+        tmp.mkdir(parents=True)
+        for name, ts in tensors.items():
+            atomic_save_safetensors(tmp / f"{name}.safetensors", ts)
+        for name, o in (optimizers or {}).items():
+            save_optimizer(SimpleNamespace(state_dict=lambda o=o: o) if isinstance(o, dict) else o, tmp / name)
+        atomic_write_json(tmp / f"{STATE}.json", state_json)
+        atomic_replace_dir(tmp, final)
+        atomic_write_json(self.root / LATEST, {"step": int(step), "dir": final.name})
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        """Delete all step dirs but the newest ``keep`` (0 keeps all)."""
+        for old in sorted(self.root.glob("step_*"))[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The dir ``latest.json`` names (None without one)."""
+        f = self.root / LATEST
+        return self.root / json.loads(f.read_text())["dir"] if f.exists() else None
+
+    def load(self, path: str | Path | None = None) -> Checkpoint | None:
+        """The checkpoint in ``path`` (default: the latest; None without one). Reading it changes nothing: call
+        its ``tensors``, ``load_optimizer`` and ``restore_rng`` in the order the stage needs."""
+        d = Path(path) if path is not None else self.latest()
+        return Checkpoint(d) if d is not None else None
+
+    def clear(self) -> None:
+        """Delete every checkpoint (a finished run keeps none)."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -41,11 +41,10 @@ from .data import DataConfig, load_chunks
 from .distill import ce_from_hidden, kl_from_hidden
 from .distributed import Dist, fault_step, launched_world_size, start_run
 from .errors import SaetuneError
-from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from .io import atomic_replace_dir, atomic_write_json, atomic_write_text
 from .metrics import fvu as fvu_of
 from .models import HookPoint, StopForward, decoder_layers, first_tensor, load_model, model_width, resolve_hook
-from .optim import load_optimizer, save_optimizer
-from .runs import RunDir, SigtermInterrupts, record_path
+from .runs import Checkpoint, Checkpoints, RunDir, record_path
 
 STAGE = "tune"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -350,37 +349,21 @@ class SAETuner:
 
 # ---- checkpoints -------------------------------------------------------------------------------
 
-def _ckpt_root(run: RunDir) -> Path:
-    return run.path / "checkpoints"
-
-
-def save_checkpoint(run: RunDir, tuner: SAETuner, opt: torch.optim.Optimizer, dist: Dist, step: int, tokens: int,
-                    keep: int) -> None:
-    """checkpoints/step_NNNNNNN/{adapter,optim,state}.safetensors + JSON, then latest.json (atomic).
+def save_checkpoint(ckpts: Checkpoints, tuner: SAETuner, opt: torch.optim.Optimizer, dist: Dist, step: int,
+                    tokens: int) -> None:
+    """``checkpoints/step_NNNNNNN/``: ``adapter.safetensors``, ``optim.*`` (the layout one process writes), RNG and
+    ``state.json`` (step, tokens, global batch); see :class:`saetune.runs.Checkpoints`.
 
     Every rank calls it (sharded adapter and optimizer state are gathered whole); rank 0 writes.
     """
-    from types import SimpleNamespace
     from peft import get_peft_model_state_dict
     adapter = get_peft_model_state_dict(tuner.peft, state_dict=dist.full_params(tuner.peft))
     optim = dist.full_optimizer_state(opt, tuner.trainable())
     if not dist.is_main:
         return
-    root = _ckpt_root(run)
-    final, tmp = root / f"step_{step:07d}", root / f".tmp-step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_save_safetensors(tmp / "adapter.safetensors", {k: v.contiguous() for k, v in adapter.items()})
-    save_optimizer(SimpleNamespace(state_dict=lambda: optim), tmp / "optim")  # the layout one process writes
-    rng = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda_rng"] = torch.cuda.get_rng_state()
-    atomic_save_safetensors(tmp / "state.safetensors", rng)
-    atomic_write_json(tmp / "state.json", {"step": step, "tokens": tokens, "global_batch": tuner.cfg.batch_size * dist.world})
-    atomic_replace_dir(tmp, final)
-    atomic_write_json(root / "latest.json", {"step": step, "dir": final.name})
-    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    ckpts.save(step, {"adapter": {k: v.contiguous() for k, v in adapter.items()}},
+               {"tokens": tokens, "global_batch": tuner.cfg.batch_size * dist.world}, optimizers={"optim": optim},
+               rng=True)
 
 
 def per_process_batch(cfg: TuneConfig, world: int) -> int:
@@ -419,10 +402,10 @@ def check_resume_global_batch(out: str | Path, cfg: TuneConfig, world: int) -> N
     from .runs import LOCK
     if (Path(out) / LOCK).exists():
         RunDir._check_lock(Path(out) / LOCK)  # a live run's dir: that comes first
-    latest = Path(out) / "checkpoints" / "latest.json"
-    if not latest.exists():
+    ck = Checkpoints(out).load()
+    if ck is None:
         return
-    meta = json.loads((latest.parent / json.loads(latest.read_text())["dir"] / "state.json").read_text())
+    meta = ck.meta
     saved = meta.get("global_batch") or meta["tokens"] // (meta["step"] * cfg.context_size)  # older checkpoints
     now = world * cfg.batch_size
     if saved != now:
@@ -433,31 +416,19 @@ def check_resume_global_batch(out: str | Path, cfg: TuneConfig, world: int) -> N
                            f"global batch of {saved}; {fix}")
 
 
-def latest_checkpoint(run: RunDir) -> Path | None:
-    """The dir of the run's latest checkpoint (None without one)."""
-    latest = _ckpt_root(run) / "latest.json"
-    return _ckpt_root(run) / json.loads(latest.read_text())["dir"] if latest.exists() else None
-
-
-def load_checkpoint(d: Path, tuner: SAETuner) -> tuple[int, int]:
-    """Restore adapter and RNG from checkpoint dir ``d`` (before the model is wrapped); returns (step, tokens).
+def load_checkpoint(ck: Checkpoint, tuner: SAETuner) -> tuple[int, int]:
+    """Restore adapter and RNG from checkpoint ``ck`` (before the model is wrapped); returns (step, tokens).
     The optimizer state follows once it is wrapped: :func:`load_optimizer_state`."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    set_peft_model_state_dict(tuner.peft, load_file(str(d / "adapter.safetensors")))
-    rng = load_file(str(d / "state.safetensors"))
-    torch.set_rng_state(rng["torch_rng"])
-    if "cuda_rng" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda_rng"])
-    meta = json.loads((d / "state.json").read_text())
-    return int(meta["step"]), int(meta["tokens"])
+    set_peft_model_state_dict(tuner.peft, ck.tensors("adapter"))
+    ck.restore_rng()
+    return ck.step, int(ck.meta["tokens"])
 
 
-def load_optimizer_state(d: Path, opt: torch.optim.Optimizer, params: list[nn.Parameter], dist: Dist) -> None:
-    """The optimizer state of checkpoint dir ``d`` into ``opt`` as wrapped (sharded under FSDP / ZeRO)."""
+def load_optimizer_state(ck: Checkpoint, opt: torch.optim.Optimizer, params: list[nn.Parameter], dist: Dist) -> None:
+    """The optimizer state of checkpoint ``ck`` into ``opt`` as wrapped (sharded under FSDP / ZeRO)."""
     from types import SimpleNamespace
-    load = SimpleNamespace(load_state_dict=lambda sd: dist.load_full_optimizer_state(opt, params, sd))
-    load_optimizer(load, d / "optim")
+    ck.load_optimizer(SimpleNamespace(load_state_dict=lambda sd: dist.load_full_optimizer_state(opt, params, sd)))
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -480,6 +451,33 @@ class _Step(nn.Module):
         return self.tuner.loss(ids)
 
 
+@dataclass
+class _TuneRun:
+    """What :func:`_prepare` sets up and the loop and :func:`_finish` work on."""
+
+    cfg: TuneConfig
+    dist: Dist
+    run: Any  # RunDir on rank 0, FollowerRun elsewhere
+    tuner: SAETuner
+    chunks: torch.Tensor  # (N, T) training chunks
+    held: torch.Tensor  # (H, T) held-out chunks
+    per_epoch: int
+    total: int
+    opt: torch.optim.Optimizer
+    step_fn: Callable
+    opt_w: Any  # the optimizer as the engine wrapped it
+    params: list[nn.Parameter]
+    ckpts: Checkpoints
+    start: int = 0
+    tokens: int = 0
+    first_loss: float | None = None
+    train_seconds: float = 0.0
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.dist.world
+
+
 def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """SAE-Tune ``cfg.model`` through ``cfg.sae`` into a run dir (``adapter/`` in peft layout).
 
@@ -489,7 +487,6 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
     configured); rank 0 writes the run dir, and ``out`` must be given.
     """
     from dataclasses import replace
-    from tqdm.auto import tqdm
     from .activations import resolve_device
     batch_size = per_process_batch(cfg, launched_world_size())  # refused before the run dir is touched
     if resume and out is not None:
@@ -499,133 +496,171 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
                           seed=cfg.seed, resume_ignore=("progress", "log_every", "batch_size"),
                           gpu_hour_usd=cfg.gpu_hour_usd)
     cfg = replace(cfg, batch_size=batch_size)  # config.yaml keeps the batch_size as given (0: derived again on resume)
+    with run:  # failure, Ctrl-C and SIGTERM (torchrun's, to the survivors when a rank dies) are recorded
+        st = _prepare(cfg, dist, run, resume)
+        _train_loop(st)
+        return _finish(st)
+
+
+def _prepare(cfg: TuneConfig, dist: Dist, run: Any, resume: bool) -> _TuneRun:
+    """Load the tuner and data, size the run, restore the latest checkpoint (on resume), wrap the model for the
+    engine and measure the held-out loss before training."""
     device = dist.device
-    sigterm = SigtermInterrupts()  # torchrun SIGTERMs the survivors when a rank dies: record the stop
-    try:
-        with run.phase("load"):
-            tuner = SAETuner(cfg, device)
-            chunks = load_chunks(cfg, tuner.tokenizer)  # (N, T)
-            held = chunks[-cfg.eval_seqs:] if 0 < cfg.eval_seqs < chunks.shape[0] else chunks[:0]
-            chunks = chunks[:chunks.shape[0] - held.shape[0]]
-        run.add_input("model", tuner.model.name_or_path)
-        if cfg.sae:
-            run.add_input("sae", cfg.sae)
-        global_batch = cfg.batch_size * dist.world
-        run.manifest["global_batch"] = global_batch
-        per_epoch = chunks.shape[0] // global_batch
-        if per_epoch == 0:
-            raise SaetuneError(f"the data packs into {chunks.shape[0]} chunks of {cfg.context_size} tokens, fewer "
-                               f"than one global batch of {global_batch} ({dist.world} processes × batch_size "
-                               f"{cfg.batch_size}); add data or lower batch_size/context_size")
-        total = per_epoch * cfg.epochs
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps)
-        opt = torch.optim.AdamW(tuner.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ckpt = latest_checkpoint(run) if resume else None
-        start, tokens = load_checkpoint(ckpt, tuner) if ckpt else (0, 0)
-        step_fn, opt_w = dist.prepare(_Step(tuner), opt, cfg.batch_size, cfg.grad_clip)
-        params = tuner.trainable()  # after prepare: FSDP has replaced them by their shards
-        run.manifest["engine"] = dist.engine
-        if ckpt:
-            load_optimizer_state(ckpt, opt, params, dist)
-        run.truncate_metrics(start)
-        if dist.broadcast_object(len(held) > 0 and "eval_loss_before" not in run.manifest):
-            with run.phase("eval"):  # on every rank: a sharded model's forward is a collective
-                run.manifest["eval_loss_before"] = tuner.eval_loss(held, device, step_fn)
-            run.write_manifest()
-        tuner.peft.train()
-        if tuner.sae is not None:
-            tuner.sae.eval()
-        T = chunks.shape[1]
-        bar = tqdm(total=total, initial=start, desc="tune", unit="step", disable=not (cfg.progress and dist.is_main))
-        first_loss, last = None, {}
-        window: list[dict[str, float]] = []
-        t0 = time.perf_counter()
-        die_at = fault_step(dist.rank)  # None unless a test injects a crash
-        with run.phase("train"):
-            for step in range(start, total):
-                if die_at == step + 1:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                epoch, j = divmod(step, per_epoch)
-                order = epoch_order(chunks.shape[0], epoch, cfg.shuffle, cfg.seed)
-                lo = j * global_batch + dist.rank * cfg.batch_size
-                ids = chunks[order[lo:lo + cfg.batch_size]].to(device)
-                lr = lr_at(step, total, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                loss, m = step_fn(ids)
-                if not torch.isfinite(loss):
-                    raise SaetuneError(f"non-finite loss ({loss.item()}) at step {step + 1}; the last checkpoint is "
-                                       "kept — lower lr or check the SAE")
-                opt_w.zero_grad(set_to_none=True)
-                dist.backward(loss)
-                gn = dist.clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                opt_w.step()
-                tokens += global_batch * T
-                m.update(loss=loss.item(), grad_norm=float("nan") if gn is None else float(gn), lr=lr)
-                first_loss = m["loss"] if first_loss is None and step == 0 else first_loss
-                window.append(m)
-                done = step + 1
-                if done % cfg.log_every == 0 or done == total:
-                    elapsed = time.perf_counter() - t0
-                    last = dist.mean({k: sum(w[k] for w in window) / len(window) for k in window[0]})
-                    run.log({"step": done, "tokens": tokens, "epoch": epoch, **{k: round(v, 6) for k, v in last.items()},
-                             "tokens_per_s": round((done - start) * global_batch * T / max(elapsed, 1e-9), 1)})
-                    bar.set_postfix(loss=f"{last['loss']:.4g}")
-                    window = []
-                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
-                    save_checkpoint(run, tuner, opt, dist, done, tokens, cfg.keep_checkpoints)
-                    dist.barrier()
-                bar.update(1)
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        adapter = dist.full_params(tuner.peft)  # every rank: whole tensors from shards
-        if len(held):
-            with run.phase("eval"):
-                eval_after = tuner.eval_loss(held, device, step_fn)
-        if not dist.is_main:
-            dist.barrier()  # rank 0 saves
-            dist.end()
-            return {}
-        with run.phase("save"):
-            tmp = run.path / ".tmp-adapter"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tuner.peft.save_pretrained(str(tmp), state_dict=adapter)
-            # peft names the base as it was given (relative to this cwd): record it for any cwd, and a moved pipeline
-            conf = json.loads((tmp / "adapter_config.json").read_text())
-            conf["base_model_name_or_path"] = record_path(conf.get("base_model_name_or_path") or cfg.model,
-                                                          run.path / "adapter", scope=run.path.parent)
-            atomic_write_text(tmp / "adapter_config.json", json.dumps(conf, indent=2))
-            atomic_replace_dir(tmp, run.path / "adapter")
-            adapter_hash = run.add_artifact("adapter", "adapter")
-        rows = run.metrics()
-        results = {
-            "hook": tuner.hp.name if tuner.hp else None, "sae_d_sae": tuner.sae.d_sae if tuner.sae else None,
-            "sae_k": tuner.sae.cfg.k if tuner.sae else None, "loss": cfg.loss, "world_size": dist.world,
-            "steps": total, "tokens": tokens, "first_loss": first_loss if first_loss is not None else (
-                rows[0]["loss"] if rows else None),
-            "final_loss": rows[-1]["loss"] if rows else None, "final_fvu": rows[-1].get("fvu") if rows else None,
-            "eval_seqs": len(held), "eval_loss_before": run.manifest.get("eval_loss_before"),
-            "eval_loss_after": eval_after if len(held) else None,
-            "tokens_per_s": round((total - start) * global_batch * T / max(train_seconds, 1e-9), 1),
-            "shared_prefix": tuner.exact, "lora_layers": tuner.lora_layers,
-            "trainable_params": sum(p.numel() for p in params), "adapter_sha256": adapter_hash,
-            "sae_sha256": run.manifest["inputs"]["sae"]["sha256"] if cfg.sae else None,
-        }
-        atomic_write_json(run.path / "results.json", results)
-        shutil.rmtree(_ckpt_root(run), ignore_errors=True)
-        run.finish(results=results, train_seconds=round(train_seconds, 3), steps=total)
-        dist.barrier()
+    with run.phase("load"):
+        tuner = SAETuner(cfg, device)
+        chunks = load_chunks(cfg, tuner.tokenizer)  # (N, T)
+        held = chunks[-cfg.eval_seqs:] if 0 < cfg.eval_seqs < chunks.shape[0] else chunks[:0]
+        chunks = chunks[:chunks.shape[0] - held.shape[0]]
+    run.add_input("model", tuner.model.name_or_path)
+    if cfg.sae:
+        run.add_input("sae", cfg.sae)
+    global_batch = cfg.batch_size * dist.world
+    run.manifest["global_batch"] = global_batch
+    per_epoch = chunks.shape[0] // global_batch
+    if per_epoch == 0:
+        raise SaetuneError(f"the data packs into {chunks.shape[0]} chunks of {cfg.context_size} tokens, fewer "
+                           f"than one global batch of {global_batch} ({dist.world} processes × batch_size "
+                           f"{cfg.batch_size}); add data or lower batch_size/context_size")
+    total = per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    opt = torch.optim.AdamW(tuner.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpts = Checkpoints(run, keep=cfg.keep_checkpoints)
+    ckpt = ckpts.load() if resume else None
+    start, tokens = load_checkpoint(ckpt, tuner) if ckpt else (0, 0)
+    step_fn, opt_w = dist.prepare(_Step(tuner), opt, cfg.batch_size, cfg.grad_clip)
+    params = tuner.trainable()  # after prepare: FSDP has replaced them by their shards
+    run.manifest["engine"] = dist.engine
+    if ckpt:
+        load_optimizer_state(ckpt, opt, params, dist)
+    run.truncate_metrics(start)
+    if dist.broadcast_object(len(held) > 0 and "eval_loss_before" not in run.manifest):
+        with run.phase("eval"):  # on every rank: a sharded model's forward is a collective
+            run.manifest["eval_loss_before"] = tuner.eval_loss(held, device, step_fn)
+        run.write_manifest()
+    tuner.peft.train()
+    if tuner.sae is not None:
+        tuner.sae.eval()
+    return _TuneRun(cfg, dist, run, tuner, chunks, held, per_epoch, total, opt, step_fn, opt_w, params, ckpts,
+                    start, tokens)
+
+
+def _batch(st: _TuneRun, step: int) -> torch.Tensor:
+    """This process's sequences of global step ``step``: its slice of the epoch's (seeded) order."""
+    cfg = st.cfg
+    epoch, j = divmod(step, st.per_epoch)
+    order = epoch_order(st.chunks.shape[0], epoch, cfg.shuffle, cfg.seed)
+    lo = j * st.global_batch + st.dist.rank * cfg.batch_size
+    return st.chunks[order[lo:lo + cfg.batch_size]].to(st.dist.device)
+
+
+def _train_step(st: _TuneRun, step: int) -> dict[str, float]:
+    """One optimizer step at 0-based ``step``; its metrics (loss, grad norm, lr and the tuner's own)."""
+    cfg, dist = st.cfg, st.dist
+    ids = _batch(st, step)
+    lr = lr_at(step, st.total, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
+    for g in st.opt.param_groups:
+        g["lr"] = lr
+    loss, m = st.step_fn(ids)
+    if not torch.isfinite(loss):
+        raise SaetuneError(f"non-finite loss ({loss.item()}) at step {step + 1}; the last checkpoint is "
+                           "kept — lower lr or check the SAE")
+    st.opt_w.zero_grad(set_to_none=True)
+    dist.backward(loss)
+    gn = dist.clip_grad_norm(st.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    st.opt_w.step()
+    st.tokens += st.global_batch * st.chunks.shape[1]
+    m.update(loss=loss.item(), grad_norm=float("nan") if gn is None else float(gn), lr=lr)
+    return m
+
+
+def _train_loop(st: _TuneRun) -> None:
+    """Steps ``start`` … ``total − 1``: a metrics row every ``log_every`` (means over the window, over every
+    process), a checkpoint every ``checkpoint_every``."""
+    from tqdm.auto import tqdm
+    cfg, dist, run = st.cfg, st.dist, st.run
+    bar = tqdm(total=st.total, initial=st.start, desc="tune", unit="step",
+               disable=not (cfg.progress and dist.is_main))
+    window: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    die_at = fault_step(dist.rank)  # None unless a test injects a crash
+    with run.phase("train"):
+        for step in range(st.start, st.total):
+            if die_at == step + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            m = _train_step(st, step)
+            st.first_loss = m["loss"] if st.first_loss is None and step == 0 else st.first_loss
+            window.append(m)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == st.total:
+                elapsed = time.perf_counter() - t0
+                last = dist.mean({k: sum(w[k] for w in window) / len(window) for k in window[0]})
+                run.log({"step": done, "tokens": st.tokens, "epoch": step // st.per_epoch,
+                         **{k: round(v, 6) for k, v in last.items()},
+                         "tokens_per_s": round((done - st.start) * st.global_batch * st.chunks.shape[1]
+                                               / max(elapsed, 1e-9), 1)})
+                bar.set_postfix(loss=f"{last['loss']:.4g}")
+                window = []
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < st.total:
+                save_checkpoint(st.ckpts, st.tuner, st.opt, dist, done, st.tokens)
+                dist.barrier()
+            bar.update(1)
+    bar.close()
+    st.train_seconds = time.perf_counter() - t0
+
+
+def _save_adapter(st: _TuneRun, adapter: dict[str, torch.Tensor]) -> str:
+    """``adapter/`` in peft layout, its base model recorded for any cwd and a moved pipeline; its hash."""
+    run = st.run
+    tmp = run.path / ".tmp-adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    st.tuner.peft.save_pretrained(str(tmp), state_dict=adapter)
+    # peft names the base as it was given (relative to this cwd): record it for any cwd, and a moved pipeline
+    conf = json.loads((tmp / "adapter_config.json").read_text())
+    conf["base_model_name_or_path"] = record_path(conf.get("base_model_name_or_path") or st.cfg.model,
+                                                  run.path / "adapter", scope=run.path.parent)
+    atomic_write_text(tmp / "adapter_config.json", json.dumps(conf, indent=2))
+    atomic_replace_dir(tmp, run.path / "adapter")
+    return run.add_artifact("adapter", "adapter")
+
+
+def _finish(st: _TuneRun) -> dict:
+    """Held-out loss after training, ``adapter/``, ``results.json``; the run marked complete (rank 0)."""
+    cfg, dist, run, tuner = st.cfg, st.dist, st.run, st.tuner
+    adapter = dist.full_params(tuner.peft)  # every rank: whole tensors from shards
+    eval_after = None
+    if len(st.held):
+        with run.phase("eval"):
+            eval_after = tuner.eval_loss(st.held, dist.device, st.step_fn)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 saves
         dist.end()
-        results["wall_seconds"] = run.manifest["wall_seconds"]
-        results["estimated_cost_usd"] = run.manifest["estimated_cost_usd"]
-        what = "SAE-Tuning" if cfg.sae else "LoRA fine-tuning (no SAE)"
-        print(f"{what}: {run.manifest['wall_seconds'] / 60:.1f} minutes, ${run.manifest['estimated_cost_usd']:.2f} "
-              f"({run.manifest['gpu_hours']:.3f} GPU-hours)")
-        return results
-    except BaseException as e:
-        sigterm.stopping = True
-        run.fail_with(e)
-        raise
-    finally:
-        sigterm.restore()
+        return {}
+    with run.phase("save"):
+        adapter_hash = _save_adapter(st, adapter)
+    rows = run.metrics()
+    results = {
+        "hook": tuner.hp.name if tuner.hp else None, "sae_d_sae": tuner.sae.d_sae if tuner.sae else None,
+        "sae_k": tuner.sae.cfg.k if tuner.sae else None, "loss": cfg.loss, "world_size": dist.world,
+        "steps": st.total, "tokens": st.tokens, "first_loss": st.first_loss if st.first_loss is not None else (
+            rows[0]["loss"] if rows else None),
+        "final_loss": rows[-1]["loss"] if rows else None, "final_fvu": rows[-1].get("fvu") if rows else None,
+        "eval_seqs": len(st.held), "eval_loss_before": run.manifest.get("eval_loss_before"),
+        "eval_loss_after": eval_after,
+        "tokens_per_s": round((st.total - st.start) * st.global_batch * st.chunks.shape[1]
+                              / max(st.train_seconds, 1e-9), 1),
+        "shared_prefix": tuner.exact, "lora_layers": tuner.lora_layers,
+        "trainable_params": sum(p.numel() for p in st.params), "adapter_sha256": adapter_hash,
+        "sae_sha256": run.manifest["inputs"]["sae"]["sha256"] if cfg.sae else None,
+    }
+    atomic_write_json(run.path / "results.json", results)
+    st.ckpts.clear()
+    run.finish(results=results, train_seconds=round(st.train_seconds, 3), steps=st.total)
+    dist.barrier()
+    dist.end()
+    results["wall_seconds"] = run.manifest["wall_seconds"]
+    results["estimated_cost_usd"] = run.manifest["estimated_cost_usd"]
+    what = "SAE-Tuning" if cfg.sae else "LoRA fine-tuning (no SAE)"
+    print(f"{what}: {run.manifest['wall_seconds'] / 60:.1f} minutes, ${run.manifest['estimated_cost_usd']:.2f} "
+          f"({run.manifest['gpu_hours']:.3f} GPU-hours)")
+    return results

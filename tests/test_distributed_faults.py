@@ -188,7 +188,9 @@ def test_a_hung_rank_fails_the_run_after_the_dist_timeout(store, tmp_path):
         _wait_for(lambda: (out / "checkpoints" / "latest.json").exists(), "checkpoint", job)
         workers = _workers(job)
         workers[1].send_signal(signal.SIGSTOP)
-        _wait_for(lambda: _manifest(out)["status"] == "failed", "a failed manifest", job)
+        # the manifest is written before the lock is freed: killing in between would leave the lock behind
+        _wait_for(lambda: _manifest(out)["status"] == "failed" and not (out / LOCK).exists(),
+                  "a failed manifest and a freed lock", job)
     finally:
         _kill(job, workers)  # the stopped rank never reads torchrun's SIGTERM
         log.close()

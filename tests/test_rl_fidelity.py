@@ -5,12 +5,14 @@ accuracy and DAPO's ±1 reward, how RPR joins correctness, CURE's prompt window 
 import asyncio
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from saetune.errors import SaetuneError
+from saetune.rl import step as S
 from saetune.rl import trainer as T
 from saetune.rl.rewards import combine_rpr, reasoning_pattern_reward
 from saetune.rl.trainer import RLConfig
@@ -23,7 +25,7 @@ WAIT = "<think> wait , 7 + 5 = 12 . therefore , 12 . </think> <answer> {} </answ
 
 
 def _sample(ctx, prob, group, text):
-    ids = list(ctx["tok"](text, add_special_tokens=False)["input_ids"])
+    ids = list(ctx.tok(text, add_special_tokens=False)["input_ids"])
     n = len(ids)
     return T.Sample(group, prob, list(prob["prompt_ids"]), ids, [1] * n, torch.full((n,), -1.0),
                     torch.full((n,), 0.5), text, False, 0)
@@ -32,7 +34,7 @@ def _sample(ctx, prob, group, text):
 def _stand_in_rollout(texts_per_group):
     """Replaces rollout_groups: group k of the step answers with texts_per_group[k] (gold answer '12')."""
     def rollout(policy, tok, cfg, problems, params, seed, use_cure, gen, tool=None):
-        ctx = {"tok": tok}
+        ctx = SimpleNamespace(tok=tok)
         out = []
         for g, (prob, texts) in enumerate(zip(problems, texts_per_group)):
             prob = {**prob, "answer": "12"}
@@ -45,19 +47,19 @@ def _stand_in_rollout(texts_per_group):
 def test_dr_grpo_normaliser_is_the_runs_max_new_tokens_in_every_mini_batch(monkeypatch):
     ctx = T.setup(RLConfig(**{**TINY, "algorithm": "grpo", "loss_agg": "dr_grpo", "mini_batches": 2}))
     calls = []
-    real = T.policy_loss
+    real = S.policy_loss
 
     def spy(*a, **kw):
         calls.append((kw.get("norm_length"), a[3].shape[-1]))
         return real(*a, **kw)
 
-    monkeypatch.setattr(T, "policy_loss", spy)
+    monkeypatch.setattr(S, "policy_loss", spy)
     # two groups of different lengths; the batch is padded to its longest prompt + response (30), not 48
-    monkeypatch.setattr(T, "rollout_groups", _stand_in_rollout([[RIGHT, WRONG, RIGHT, WRONG],
+    monkeypatch.setattr(S, "rollout_groups", _stand_in_rollout([[RIGHT, WRONG, RIGHT, WRONG],
                                                                 ["<answer> 12 </answer>", "<answer> 1 </answer>"] * 2]))
     T.train_step(ctx, 0)
     assert len(calls) == 2 and all(width not in (0, 48) for _, width in calls), calls
-    assert all(norm == ctx["max_new"] == 48 for norm, _ in calls), calls
+    assert all(norm == ctx.max_new == 48 for norm, _ in calls), calls
 
 
 def test_dr_grpo_loss_is_the_token_sum_over_max_new_tokens():
@@ -65,17 +67,17 @@ def test_dr_grpo_loss_is_the_token_sum_over_max_new_tokens():
     whatever the batch's padded width (prompt 13 + response 14 = 27 here)."""
     from saetune.rl.rollout import score_responses
     ctx = T.setup(RLConfig(**{**TINY, "algorithm": "grpo", "loss_agg": "seq-mean-token-sum-norm"}))
-    prob = {**ctx["stream"][0], "answer": "12"}
+    prob = {**ctx.stream[0], "answer": "12"}
     a, b = _sample(ctx, prob, 0, RIGHT), _sample(ctx, prob, 0, "<answer> 1 </answer>")
-    lps, _ = score_responses(ctx["policy"], [a.context_ids, b.context_ids], [a.response_ids, b.response_ids],
-                             ctx["pad_id"], 1.0)
+    lps, _ = score_responses(ctx.policy, [a.context_ids, b.context_ids], [a.response_ids, b.response_ids],
+                             ctx.pad_id, 1.0)
     a.logprobs, b.logprobs = lps
     a.reward, b.reward = 1.0, 0.0
     n_a, n_b = len(a.response_ids), len(b.response_ids)
-    args = (ctx["policy"], ctx["opt"], ctx["params_list"], [a, b], ctx["cfg"], ctx["pad_id"], "cpu")
+    args = (ctx.policy, ctx.opt, ctx.params_list, [a, b], ctx.cfg, ctx.pad_id, "cpu")
     with pytest.raises(SaetuneError, match="norm_length"):
         T.update(*args)
-    met = T.update(*args, norm_length=ctx["max_new"])
+    met = T.update(*args, norm_length=ctx.max_new)
     adv = 1 / math.sqrt(2)  # rewards (1, 0): (r − 0.5) / std, std = √0.5
     want = (-adv * n_a + adv * n_b) / 2 / 48
     assert len(a.context_ids) + n_a != 48
@@ -137,7 +139,7 @@ def _compose(overrides=()):
 def test_dynamic_sampling_filters_groups_on_accuracy_by_default(monkeypatch):
     # group 0: all correct, but RPR differs (so its total rewards differ); group 1: half right
     texts = [[RIGHT, WAIT.format(12), RIGHT, WAIT.format(12)], [RIGHT, WRONG, RIGHT, WRONG]]
-    monkeypatch.setattr(T, "rollout_groups", _stand_in_rollout(texts))
+    monkeypatch.setattr(S, "rollout_groups", _stand_in_rollout(texts))
     kept = {}
     for metric in ("acc", "reward"):
         cfg = RLConfig(**{**TINY, "algorithm": "dapo", "rewards": ["correctness", "rpr"], "filter_metric": metric})
@@ -157,9 +159,9 @@ def test_signed_correctness_is_dapos_plus_minus_one_and_recorded():
     assert RLConfig().correctness_reward == "binary"
     assert to_dict(cfg)["correctness_reward"] == "signed" and to_dict(cfg)["filter_metric"] == "acc"
     ctx = T.setup(cfg)
-    prob = {**ctx["stream"][0], "answer": "12"}
+    prob = {**ctx.stream[0], "answer": "12"}
     smp = [_sample(ctx, prob, 0, RIGHT), _sample(ctx, prob, 0, WRONG)]
-    T.score_rewards(smp, ctx["specs"], cfg, ctx["tok"], step=1)
+    T.score_rewards(smp, ctx.specs, cfg, ctx.tok, step=1)
     assert [s.reward for s in smp] == [1.0, -1.0] and [s.correct for s in smp] == [True, False]
     with pytest.raises(SaetuneError, match="correctness_reward"):
         from saetune.config import load_config
@@ -183,10 +185,10 @@ def test_combine_rpr_modes_follow_the_reference():
 def test_trainer_rewards_join_rpr_by_mode(mode):
     cfg = RLConfig(**{**TINY, "rewards": ["correctness", "rpr"], "reward_weights": [1.0, 0.5], "rpr_mode": mode})
     ctx = T.setup(cfg)
-    prob = {**ctx["stream"][0], "answer": "12"}
+    prob = {**ctx.stream[0], "answer": "12"}
     right, wrong = WAIT.format(12), WAIT.format(13)
     smp = [_sample(ctx, prob, 0, right), _sample(ctx, prob, 0, wrong)]
-    T.score_rewards(smp, ctx["specs"], cfg, ctx["tok"], step=1)
+    T.score_rewards(smp, ctx.specs, cfg, ctx.tok, step=1)
     rpr = reasoning_pattern_reward(wrong)
     assert rpr > 0 and reasoning_pattern_reward(right) == rpr
     want = {"add": [1.0 + 0.5 * rpr, 0.5 * rpr], "wrong_only": [1.0, 0.5 * rpr], "alone": [0.5 * rpr, 0.5 * rpr]}
@@ -291,22 +293,22 @@ def test_cure_branch_prompt_is_cut_to_the_window_and_keeps_the_response_budget(m
     cfg = RLConfig(**{**TINY, "cure": True, "cure_prompt_window": 16})
     ctx = T.setup(cfg)
     calls = []
-    real = T.sample
+    real = S.sample
 
     def spy(policy, tok, prompts, params, seed, **kw):
         calls.append(([list(p) for p in prompts], params))
         return real(policy, tok, prompts, params, seed, **kw)
 
-    monkeypatch.setattr(T, "sample", spy)
-    problems = [ctx["stream"][i] for i in range(2)]
+    monkeypatch.setattr(S, "sample", spy)
+    problems = [ctx.stream[i] for i in range(2)]
     with torch.no_grad():
-        smp = T.rollout_groups(ctx["policy"], ctx["tok"], cfg, problems, ctx["params"], 3, True,
+        smp = T.rollout_groups(ctx.policy, ctx.tok, cfg, problems, ctx.params, 3, True,
                                torch.Generator().manual_seed(0))
     assert len(calls) == 2
     branch_prompts, params = calls[1]
     assert all(len(p) <= 16 for p in branch_prompts) and max(len(p) for p in branch_prompts) == 16
     # the continuation keeps the full response budget: max new tokens, with room in the context
-    assert params.max_new_tokens == ctx["max_new"] == 48 and params.context_size - 16 >= 48
+    assert params.max_new_tokens == ctx.max_new == 48 and params.context_size - 16 >= 48
     origs = {(s.group, s.source): s for s in smp if not s.is_branch}
     cut = 0
     for b in (s for s in smp if s.is_branch):
@@ -331,10 +333,10 @@ def test_warmup_is_verls_linear_schedule_from_zero(monkeypatch):
     cfg = RLConfig(lr=1e-6, warmup_steps=10)
     assert [T.warmup_lr(cfg, s) for s in (0, 1, 5, 10, 50)] == pytest.approx([0.0, 1e-7, 5e-7, 1e-6, 1e-6])
     assert T.warmup_lr(RLConfig(lr=1e-6), 0) == 1e-6
-    monkeypatch.setattr(T, "rollout_groups", _stand_in_rollout([[RIGHT, WRONG] * 2] * 2))
+    monkeypatch.setattr(S, "rollout_groups", _stand_in_rollout([[RIGHT, WRONG] * 2] * 2))
     ctx = T.setup(RLConfig(**{**TINY, "warmup_steps": 4}))
     row = T.train_step(ctx, 1)
-    assert row["lr"] == pytest.approx(1e-4 / 4) and ctx["opt"].param_groups[0]["lr"] == pytest.approx(1e-4 / 4)
+    assert row["lr"] == pytest.approx(1e-4 / 4) and ctx.opt.param_groups[0]["lr"] == pytest.approx(1e-4 / 4)
 
 
 def test_cure_recipes_take_cures_settings():

@@ -72,11 +72,11 @@ def cure_ctx():
 
 
 def test_cure_groups_have_the_right_sizes_masks_and_advantages(cure_ctx):
-    ctx, cfg = cure_ctx, cure_ctx["cfg"]
-    problems = [ctx["stream"][i] for i in range(2)]
+    ctx, cfg = cure_ctx, cure_ctx.cfg
+    problems = [ctx.stream[i] for i in range(2)]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        smp = T.rollout_groups(ctx["policy"], ctx["tok"], cfg, problems, ctx["params"], 5, True, gen)
+        smp = T.rollout_groups(ctx.policy, ctx.tok, cfg, problems, ctx.params, 5, True, gen)
     n1, n2 = cfg.cure_n1, cfg.cure_n2
     assert (n1, n2) == (4, 3) and len(smp) == 2 * (n1 + n1 * n2)
     for g in range(2):
@@ -94,8 +94,8 @@ def test_cure_groups_have_the_right_sizes_masks_and_advantages(cure_ctx):
             for b in mine:  # prompt + the original's tokens before the critical token, which is re-sampled
                 assert b.context_ids == o.context_ids + o.response_ids[:o.critical_position]
                 assert b.prefix_len == o.critical_position
-    T.score_rewards(smp, ctx["specs"], cfg, ctx["tok"], step=1)
-    bt = T.batch_tensors(smp, ctx["pad_id"])
+    T.score_rewards(smp, ctx.specs, cfg, ctx.tok, step=1)
+    bt = T.batch_tensors(smp, ctx.pad_id)
     for i, s in enumerate(smp):  # no gradient on the context (prompt, and a branch's prefix)
         a = len(s.context_ids)
         assert not bt["mask"][i, :a].any() and int(bt["mask"][i].sum()) == len(s.response_ids)
@@ -152,7 +152,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     order = []
 
     def dying(ctx, step):
-        order.append((step, ctx["cursor"]))
+        order.append((step, ctx.cursor))
         if step == 2:  # killed during the third step, after the checkpoint of step 2
             raise KeyboardInterrupt
         return real(ctx, step)
@@ -163,7 +163,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "failed"
     with pytest.raises(SaetuneError, match="already holds"):
         T.train(cfg, tmp_path / "b")
-    monkeypatch.setattr(T, "train_step", lambda ctx, step: (order.append((step, ctx["cursor"])), real(ctx, step))[1])
+    monkeypatch.setattr(T, "train_step", lambda ctx, step: (order.append((step, ctx.cursor)), real(ctx, step))[1])
     T.train(cfg, tmp_path / "b", resume=True)
     # the resumed run restarts at the checkpoint (step 2) with the same data cursor as the first try
     assert order == [(0, 0), (1, 2), (2, 4), (2, 4)]
@@ -221,34 +221,34 @@ def test_raising_reward_fails_the_step_naming_it(tmp_path):
 
 
 def test_empty_and_all_padding_responses_train_without_nan(cure_ctx):
-    ctx, cfg = cure_ctx, cure_ctx["cfg"]
-    prob = ctx["stream"][0]
+    ctx, cfg = cure_ctx, cure_ctx.cfg
+    prob = ctx.stream[0]
 
     def smp(resp, reward, group):
         n = len(resp)
         return T.Sample(group, prob, list(prob["prompt_ids"]), resp, [1] * n, torch.full((n,), -1.0),
                         torch.full((n,), 0.5), "", False, 0, reward=reward)
 
-    real = list(ctx["tok"]("7 + 1 = 8 .", add_special_tokens=False)["input_ids"])
+    real = list(ctx.tok("7 + 1 = 8 .", add_special_tokens=False)["input_ids"])
     samples = [smp([], 0.0, 0), smp([], 1.0, 0), smp(real, 1.0, 1), smp([], 0.0, 1)]
-    bt = T.batch_tensors(samples, ctx["pad_id"])
+    bt = T.batch_tensors(samples, ctx.pad_id)
     assert bt["mask"][[0, 1, 3]].sum() == 0
     # the module's shared policy and optimiser go back as they were whether or not the asserts below pass
-    policy_before = {k: v.clone() for k, v in ctx["policy"].state_dict().items()}
-    opt_before = copy.deepcopy(ctx["opt"].state_dict())
+    policy_before = {k: v.clone() for k, v in ctx.policy.state_dict().items()}
+    opt_before = copy.deepcopy(ctx.opt.state_dict())
     try:
-        met = T.update(ctx["policy"], ctx["opt"], ctx["params_list"], samples, cfg, ctx["pad_id"], "cpu")
+        met = T.update(ctx.policy, ctx.opt, ctx.params_list, samples, cfg, ctx.pad_id, "cpu")
         assert all(math.isfinite(v) for v in met.values()), met
-        after = ctx["policy"].state_dict()
+        after = ctx.policy.state_dict()
         assert all(torch.isfinite(v).all() for v in after.values())
         # only-empty groups: nothing to learn from, and nothing breaks
-        met = T.update(ctx["policy"], ctx["opt"], ctx["params_list"], samples[:2], cfg, ctx["pad_id"], "cpu")
+        met = T.update(ctx.policy, ctx.opt, ctx.params_list, samples[:2], cfg, ctx.pad_id, "cpu")
         assert met["n_tokens"] == 0 and met["loss"] == 0.0
     finally:
-        ctx["policy"].load_state_dict(policy_before)
-        ctx["opt"].load_state_dict(opt_before)
-        ctx["opt"].zero_grad(set_to_none=True)
-        ctx["policy"].eval()
+        ctx.policy.load_state_dict(policy_before)
+        ctx.opt.load_state_dict(opt_before)
+        ctx.opt.zero_grad(set_to_none=True)
+        ctx.policy.eval()
 
 
 def test_cli_rl_verb(tmp_path, capsys):

@@ -33,12 +33,12 @@ from .. import config as _config
 from ..config import opt
 from ..errors import SaetuneError
 from ..io import atomic_replace_dir, atomic_write, atomic_write_json
-from ..runs import RunDir, read_manifest
+from ..runs import Checkpoints, RunDir, read_manifest
 from . import task
 
 BASE_DIR = Path(__file__).resolve().parent / "base"
 BUILD_INFO = "toy_build.json"
-CHECKPOINT = "checkpoint"  # dir: model + optimizer state in safetensors/JSON, no pickle
+LEGACY_CHECKPOINT = "checkpoint"  # where builds before saetune.runs.Checkpoints kept theirs: still resumed
 EVAL_SEED_OFFSET = 1_000_003  # eval problems come from another stream than training batches
 
 
@@ -189,26 +189,23 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _save_checkpoint(path: Path, step: int, tokens: int, model, opt) -> None:
-    """Model weights and AdamW state as safetensors + JSON, replaced atomically as one dir."""
-    from ..io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
-    from ..optim import save_optimizer
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_save_safetensors(tmp / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
-    save_optimizer(opt, tmp / "optimizer")
-    atomic_write_json(tmp / "state.json", {"step": step, "tokens": tokens})
-    atomic_replace_dir(tmp, path)
+def _save_checkpoint(ckpts: Checkpoints, step: int, tokens: int, model, opt) -> None:
+    """Model weights and AdamW state as safetensors + JSON: ``checkpoints/step_NNNNNNN/`` (the newest kept)."""
+    ckpts.save(step, {"model": {k: v.clone() for k, v in model.state_dict().items()}}, {"tokens": tokens},
+               optimizers={"optimizer": opt})
 
 
-def _load_checkpoint(path: Path, model, opt) -> tuple[int, int]:
-    from safetensors.torch import load_file
-    from ..optim import load_optimizer
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    load_optimizer(opt, path / "optimizer")
-    state = json.loads((path / "state.json").read_text())
-    return int(state["step"]), int(state["tokens"])
+def _load_checkpoint(run: RunDir, ckpts: Checkpoints, model, opt) -> tuple[int, int]:
+    """Restore the latest checkpoint (or an older build's ``checkpoint/``) into ``model`` and ``opt``;
+    ``(step, tokens)``, ``(0, 0)`` without one."""
+    ck = ckpts.load()
+    if ck is None and (run.path / LEGACY_CHECKPOINT / "state.json").exists():
+        ck = ckpts.load(run.path / LEGACY_CHECKPOINT)
+    if ck is None:
+        return 0, 0
+    model.load_state_dict(ck.tensors("model"))
+    ck.load_optimizer(opt, "optimizer")
+    return ck.step, int(ck.meta["tokens"])
 
 
 def _save_model_dir(model, tokenizer, final_dir: Path, progress: bool) -> None:
@@ -241,61 +238,19 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path | None, resume: bool = False,
     """Train the toy model into run dir ``out``; returns (and records) its stats.
 
     Writes ``metrics.jsonl`` (``step``, ``tokens``, ``loss``, ``lr``; ``accuracy`` at eval
-    steps), ``checkpoint/`` at each eval (for ``resume``; safetensors + JSON) and the HF model dir ``model/``.
+    steps), ``checkpoints/`` at each eval (for ``resume``; safetensors + JSON) and the HF model dir ``model/``.
     Returns ``{"accuracy", "train_seconds", "steps", "n_params"}``.
     """
-    from tqdm.auto import tqdm
-
-    run = RunDir.open(out, "toy", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed)
-    try:
+    with RunDir.open(out, "toy", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed) as run:
         with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            from .model import build_model  # transformers loads only when a build runs
-            from .tokenizer import build_tokenizer
-            tokenizer = build_tokenizer()
-            model = build_model(tokenizer, cfg.seed, attn_implementation=cfg.attn_implementation)
-            if cfg.init_from:
-                init, _ = load_toy(cfg.init_from, attn_implementation=cfg.attn_implementation)
-                model.load_state_dict(init.state_dict())
-                run.add_input("init_from", cfg.init_from)
-            model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                                    weight_decay=cfg.weight_decay)
-            start, tokens, accuracy = 0, 0, None
-            ckpt = run.path / CHECKPOINT
-            if resume and (ckpt / "state.json").exists():
-                start, tokens = _load_checkpoint(ckpt, model, opt)
+            model, tokenizer, opt = _build_setup(cfg, run)
+            ckpts = Checkpoints(run, keep=1)
+            start, tokens = _load_checkpoint(run, ckpts, model, opt) if resume else (0, 0)
             run.truncate_metrics(start)
-            eval_seed = cfg.seed + EVAL_SEED_OFFSET
-            bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="toy build", unit="step")
-            with run.phase("train"):
-                for step in range(start, cfg.steps):
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(step, cfg)
-                    groups = encode_batch(
-                        tokenizer, train_batch(cfg.seed, step, cfg.batch_size, cfg.check_prob))
-                    loss = response_loss(model, groups)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    opt.step()
-                    tokens += sum(ids.numel() for ids, _ in groups)
-                    done = step + 1
-                    row = {"step": done, "tokens": tokens, "loss": round(loss.item(), 5),
-                           "lr": lr_at(step, cfg)}
-                    is_eval = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
-                    if is_eval:
-                        accuracy = evaluate_toy(model, tokenizer, cfg.eval_problems, eval_seed)
-                        row["accuracy"] = accuracy
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{accuracy:.2f}")
-                    run.log(row)
-                    if is_eval:
-                        _save_checkpoint(ckpt, done, tokens, model, opt)
-                    bar.update(1)
-            bar.close()
+            accuracy = _train_steps(cfg, run, ckpts, model, tokenizer, opt, start, tokens, progress)
             if accuracy is None:  # resumed a finished run: nothing trained, measure again
-                accuracy = evaluate_toy(model, tokenizer, cfg.eval_problems, eval_seed)
+                accuracy = evaluate_toy(model, tokenizer, cfg.eval_problems, cfg.seed + EVAL_SEED_OFFSET)
             with run.phase("save"):
                 _save_model_dir(model, tokenizer, run.path / "model", progress)
                 run.add_artifact("model", "model")
@@ -303,12 +258,56 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path | None, resume: bool = False,
                  "steps": cfg.steps, "n_params": sum(p.numel() for p in model.parameters())}
         run.finish(stats=stats)
         return stats
-    except KeyboardInterrupt:
-        run.fail("interrupted; pass --resume to continue from the last checkpoint")
-        raise
-    except Exception as e:
-        run.fail(f"{type(e).__name__}: {e}")
-        raise
+
+
+def _build_setup(cfg: ToyBuildConfig, run: RunDir):
+    """The fresh (or ``init_from``) model in train mode, its tokenizer and AdamW."""
+    from .model import build_model  # transformers loads only when a build runs
+    from .tokenizer import build_tokenizer
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, cfg.seed, attn_implementation=cfg.attn_implementation)
+    if cfg.init_from:
+        init, _ = load_toy(cfg.init_from, attn_implementation=cfg.attn_implementation)
+        model.load_state_dict(init.state_dict())
+        run.add_input("init_from", cfg.init_from)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    return model, tokenizer, opt
+
+
+def _train_steps(cfg: ToyBuildConfig, run: RunDir, ckpts: Checkpoints, model, tokenizer, opt, start: int,
+                 tokens: int, progress: bool) -> float | None:
+    """Steps ``start`` … ``cfg.steps - 1``, a metrics row each, evaluation and a checkpoint every ``eval_every``;
+    the last accuracy measured (None when no step ran)."""
+    from tqdm.auto import tqdm
+    accuracy = None
+    eval_seed = cfg.seed + EVAL_SEED_OFFSET
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="toy build", unit="step")
+    with run.phase("train"):
+        for step in range(start, cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            groups = encode_batch(tokenizer, train_batch(cfg.seed, step, cfg.batch_size, cfg.check_prob))
+            loss = response_loss(model, groups)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            tokens += sum(ids.numel() for ids, _ in groups)
+            done = step + 1
+            row = {"step": done, "tokens": tokens, "loss": round(loss.item(), 5), "lr": lr_at(step, cfg)}
+            is_eval = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
+            if is_eval:
+                accuracy = evaluate_toy(model, tokenizer, cfg.eval_problems, eval_seed)
+                row["accuracy"] = accuracy
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{accuracy:.2f}")
+            run.log(row)
+            if is_eval:
+                _save_checkpoint(ckpts, done, tokens, model, opt)
+            bar.update(1)
+    bar.close()
+    return accuracy
 
 
 # ---- the shipped base -------------------------------------------------------------------------
