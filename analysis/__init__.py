@@ -1,19 +1,22 @@
 """saetune.analysis: read run dirs into pandas DataFrames, plotly figures and safe HTML.
 
-Everything here is a pure function of what a run dir holds (or of arrays you pass), so the
-explorer (``saetune explore``) and a notebook show the same thing::
+Two kinds of module. These read what a run dir holds (or arrays you pass) and run no model, so
+the explorer (``saetune explore``) and a notebook show the same thing: ``rundirs`` (discovery,
+manifests, configs), ``feature_data`` (lazy reader of the feature data), ``html`` (token
+highlights, every string escaped), ``plots`` (figures), ``traces`` (entropy, CURE, RPR views of
+``traces/*.jsonl``), ``compare`` (base / source / SAE-tuned / controls tables) and
+``reasoning_features`` (think-token features per layer, Gaussian mixture: recounted from stored
+records, except ``reasoning_feature_records``, which runs the model once to make them)::
 
     from saetune import analysis as sa
     d = sa.discover("runs/demo-…")                 # a run dir or a pipeline's parent dir
     fd = sa.FeatureData.open("runs/demo-…")        # feature data written by `saetune features`
     fd.table(); fd.examples(12); sa.activation_histogram(*fd.histogram(12))
 
-Modules: ``rundirs`` (discovery, manifests, configs), ``feature_build`` (``saetune features``: build
-the feature data), ``feature_data`` (its lazy reader), ``html`` (token highlights, every string
-escaped), ``plots`` (figures), ``traces`` (entropy, CURE, RPR views of ``traces/*.jsonl``),
-``reasoning_features`` (think-token features per layer, Gaussian mixture), ``compare``
-(base / source / SAE-tuned / controls tables), ``live`` (views that need the model).
-Names load on first use.
+These run a model: ``feature_build`` (``saetune features``: loads the model and SAE and runs them
+over a dataset to write the feature data ``feature_data`` reads) and ``live`` (the explorer's views
+on demand — a prompt's features and entropy, a steered continuation — on a model the caller
+loaded). Names load on first use.
 """
 
 from __future__ import annotations

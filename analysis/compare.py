@@ -59,7 +59,14 @@ def _training_cost(d: Discovery, model: str) -> tuple[float | None, float | None
 
 
 def comparison_table(path: str | Path | Discovery) -> pd.DataFrame:
-    """One row per (model, benchmark): accuracy (pass@1), CI, sample counts, time and cost."""
+    """One row per (model, benchmark): accuracy (pass@1), CI, sample counts, time and cost.
+
+    The explorer's view (Compare page): ``eval/results.json`` files are found up to 4 levels under
+    ``path`` (an unreadable one is skipped) and a pipeline's ``summary.json`` rows fill in models
+    none of them covers. The wide table of ``saetune eval --compare`` (one row per eval run, one
+    column per benchmark, a chosen metric in percent, mixed presets refused) is
+    :func:`saetune.evaluate.compare`; the two read run dirs differently, so neither is built on the other.
+    """
     d = path if isinstance(path, Discovery) else discover(path)
     rows: list[dict[str, Any]] = []
     if d.kind in ("run", "pipeline"):

@@ -36,7 +36,9 @@ from .config import opt
 from .data import DataConfig, load_chunks
 from .errors import SaetuneError
 from .io import atomic_save_safetensors, atomic_write_json, checksum_file
-from .models import HookPoint, load_model, parse_dtype, resolve_hook, run_to_hooks
+# resolve_device lives in models.py; sae_trainer, tuning, eval_sae, fit, rl.trainer and analysis.feature_build
+# still import it from here, so `saetune.activations.resolve_device` stays until they move
+from .models import HookPoint, load_model, parse_dtype, resolve_device, resolve_hook, run_to_hooks
 from .runs import record_path, resolve_recorded
 
 FORMAT = "saetune.activations"
@@ -220,16 +222,6 @@ class CacheConfig(DataConfig):
             raise SaetuneError(f"cache dtype {self.dtype!r} is not valid; valid: bfloat16, float32, float16")
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise SaetuneError(f"device {device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SaetuneError(f"device {device!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
-    return device
-
-
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ready=None) -> str:
     if ready is not None:
         ready.synchronize()  # the non-blocking device→host copies of this shard have landed
@@ -256,13 +248,42 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
     Shard files are written, fsync'ed and checksummed by ``writers`` background threads while
     the model computes the next shard; the manifest lists shards in order, each only once its
     file is complete, so an interruption at any point leaves a valid prefix.
+
+    Three phases: :func:`_prepare_store` (the manifest to continue, or a new one), the shard loop
+    (:func:`_capture_shard` on the model, :class:`_ShardCommits` on the writer threads), and
+    :func:`_finish_store` (totals, ``complete``).
     """
     from tqdm.auto import tqdm
+    n_seqs, T = chunks.shape
+    widths = {h.name: int(model.config.hidden_size) for h in hooks}
+    manifest = _prepare_store(store_dir, n_seqs, T, widths, model_name=model_name, dtype=dtype,
+                              seqs_per_shard=seqs_per_shard, extra=extra)
+    done = len(manifest["shards"])
+    bar = tqdm(total=n_seqs * T, initial=done * seqs_per_shard * T, unit="tok", unit_scale=True,
+               desc="cache", disable=not progress)
+    commits = _ShardCommits(store_dir / "manifest.json", manifest, writers)
+    with ThreadPoolExecutor(max_workers=writers) as pool:
+        try:
+            for s in range(done, math.ceil(n_seqs / seqs_per_shard)):
+                lo, hi = s * seqs_per_shard, min((s + 1) * seqs_per_shard, n_seqs)
+                host, ready = _capture_shard(model, chunks, hooks, widths, lo, hi, batch_size=batch_size,
+                                             dtype=dtype, bar=bar)
+                f = store_dir / shard_name(s)
+                entry = {"file": f.name, "n_tokens": (hi - lo) * T, "seq_start": lo, "seq_end": hi}
+                commits.submit(entry, pool.submit(_write_shard, f, host, ready))
+        finally:
+            commits.drain()  # every shard computed so far reaches the disk and the manifest
+    bar.close()
+    return _finish_store(store_dir, manifest)
+
+
+def _prepare_store(store_dir: Path, n_seqs: int, T: int, widths: dict[str, int], *, model_name: str,
+                   dtype: torch.dtype, seqs_per_shard: int, extra: dict | None) -> dict:
+    """The manifest a store write starts from: the existing one (refused if it was started with other
+    settings), less shard entries whose file vanished, or a new one. Temp files of a killed write are
+    removed and the free disk checked against what is still to write; the manifest is written."""
     store_dir.mkdir(parents=True, exist_ok=True)
     mf = store_dir / "manifest.json"
-    n_seqs, T = chunks.shape
-    n_shards = math.ceil(n_seqs / seqs_per_shard)
-    widths = {h.name: int(model.config.hidden_size) for h in hooks}
     if mf.exists():
         manifest = json.loads(mf.read_text())
         if manifest["hooks"].keys() != widths.keys() or manifest["context_size"] != T \
@@ -284,61 +305,81 @@ def write_store(model, tokenizer, chunks: torch.Tensor, hooks: list[HookPoint], 
     check_free_disk(store_dir, need)
     manifest["estimated_bytes"] = estimate_bytes(n_seqs * T, list(widths.values()), dtype)
     atomic_write_json(mf, manifest)
+    return manifest
 
+
+def _capture_shard(model, chunks: torch.Tensor, hooks: list[HookPoint], widths: dict[str, int], lo: int, hi: int,
+                   *, batch_size: int, dtype: torch.dtype, bar) -> tuple[dict[str, torch.Tensor], object]:
+    """Host tensors of one shard: the activations of sequences ``lo … hi−1`` at ``hooks`` ([n_tok, d] each,
+    ``dtype``) plus ``token_ids``, and the CUDA event after which they are complete (None on CPU).
+
+    On CUDA the host buffers are pinned and the copies non-blocking, so they overlap the next forward
+    passes; non-finite activations are refused naming the hook and the batch.
+    """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    bar = tqdm(total=n_seqs * T, initial=done * seqs_per_shard * T, unit="tok", unit_scale=True,
-               desc="cache", disable=not progress)
-    pending: deque = deque()
-    die_after = fault_after_shards()
+    T = chunks.shape[1]
+    n_tok = (hi - lo) * T
+    host = {h.name: torch.empty(n_tok, widths[h.name], dtype=dtype, pin_memory=cuda) for h in hooks}
+    for b in range(lo, hi, batch_size):
+        ids = chunks[b:min(b + batch_size, hi)].to(device, non_blocking=True)
+        acts = run_to_hooks(model, ids, hooks)
+        for h in hooks:
+            a = acts[h.name]
+            if not torch.isfinite(a).all():
+                raise SaetuneError(
+                    f"non-finite activations (NaN/Inf) at hook {h.name!r} in the batch of sequences "
+                    f"{b}…{b + ids.shape[0] - 1}; the shards before it are kept. Check the model's "
+                    "weights and dtype")
+            r0 = (b - lo) * T
+            host[h.name][r0:r0 + ids.numel()].copy_(a.reshape(-1, a.shape[-1]).to(dtype), non_blocking=cuda)
+        bar.update(ids.numel())
+    ready = None
+    if cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    host[TOKEN_KEY] = chunks[lo:hi].reshape(-1).to(torch.int32)
+    return host, ready
 
-    def commit_oldest() -> None:
-        entry, fut = pending.popleft()
+
+class _ShardCommits:
+    """Shard writes in flight on the writer threads, committed to the manifest strictly in order.
+
+    At most ``writers`` writes wait; each committed shard gets its checksum and the manifest is
+    rewritten, so the manifest always lists a complete prefix of the store. The test-only fault
+    (:func:`fault_after_shards`) fires here, once the manifest lists that many shards.
+    """
+
+    def __init__(self, mf: Path, manifest: dict, writers: int):
+        self.mf, self.manifest, self.writers = mf, manifest, writers
+        self.pending: deque = deque()
+        self.die_after = fault_after_shards()
+
+    def submit(self, entry: dict, future) -> None:
+        self.pending.append((entry, future))
+        while len(self.pending) > self.writers:
+            self.commit_oldest()
+
+    def commit_oldest(self) -> None:
+        entry, fut = self.pending.popleft()
         entry["checksum"] = fut.result()
-        manifest["shards"].append(entry)
-        manifest["n_tokens"] = sum(x["n_tokens"] for x in manifest["shards"])
-        atomic_write_json(mf, manifest)
-        if len(manifest["shards"]) == die_after:
+        self.manifest["shards"].append(entry)
+        self.manifest["n_tokens"] = sum(x["n_tokens"] for x in self.manifest["shards"])
+        atomic_write_json(self.mf, self.manifest)
+        if len(self.manifest["shards"]) == self.die_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    with ThreadPoolExecutor(max_workers=writers) as pool:
-        try:
-            for s in range(done, n_shards):
-                lo, hi = s * seqs_per_shard, min((s + 1) * seqs_per_shard, n_seqs)
-                n_tok = (hi - lo) * T
-                # host buffers; on CUDA pinned, so the copies overlap the next forward passes
-                host = {h.name: torch.empty(n_tok, widths[h.name], dtype=dtype, pin_memory=cuda) for h in hooks}
-                for b in range(lo, hi, batch_size):
-                    ids = chunks[b:min(b + batch_size, hi)].to(device, non_blocking=True)
-                    acts = run_to_hooks(model, ids, hooks)
-                    for h in hooks:
-                        a = acts[h.name]
-                        if not torch.isfinite(a).all():
-                            raise SaetuneError(
-                                f"non-finite activations (NaN/Inf) at hook {h.name!r} in the batch of sequences "
-                                f"{b}…{b + ids.shape[0] - 1}; the shards before it are kept. Check the model's "
-                                "weights and dtype")
-                        r0 = (b - lo) * T
-                        host[h.name][r0:r0 + ids.numel()].copy_(a.reshape(-1, a.shape[-1]).to(dtype), non_blocking=cuda)
-                    bar.update(ids.numel())
-                ready = None
-                if cuda:
-                    ready = torch.cuda.Event()
-                    ready.record()
-                host[TOKEN_KEY] = chunks[lo:hi].reshape(-1).to(torch.int32)
-                f = store_dir / shard_name(s)
-                entry = {"file": f.name, "n_tokens": n_tok, "seq_start": lo, "seq_end": hi}
-                pending.append((entry, pool.submit(_write_shard, f, host, ready)))
-                while len(pending) > writers:
-                    commit_oldest()
-        finally:
-            while pending:  # every shard computed so far reaches the disk and the manifest
-                commit_oldest()
-    bar.close()
+    def drain(self) -> None:
+        while self.pending:
+            self.commit_oldest()
+
+
+def _finish_store(store_dir: Path, manifest: dict) -> "ActivationStore":
+    """Mark the store complete with its token and byte totals; the store, opened for reading."""
     manifest["n_tokens"] = sum(x["n_tokens"] for x in manifest["shards"])
     manifest["bytes"] = sum((store_dir / x["file"]).stat().st_size for x in manifest["shards"])
     manifest["complete"] = True
-    atomic_write_json(mf, manifest)
+    atomic_write_json(store_dir / "manifest.json", manifest)
     return ActivationStore(store_dir)
 
 

@@ -442,7 +442,37 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
                   "runs/eval-toy")
         res["toy"]["pass@1"]
     """
-    from .io import atomic_write_json
+    run_dir, where, device, preset = _open_eval_run(cfg, out, resume=resume, overwrite=overwrite,
+                                                    given_backend=backend is not None)
+    batch = cfg.batch_size or (1024 if cfg.backend == "vllm" else 32)
+    own_backend = backend is None
+    grader = Grader(cfg.grade_workers, cfg.grade_timeout_s)
+    try:
+        with run_dir.phase("load"):
+            if own_backend:
+                backend = _build_backend(cfg, where, device, batch, preset["max_total_tokens"] or 0)
+            benches = _load_benchmarks(cfg, cfg.model == "toy" or _is_toy_tokenizer(backend.tokenizer))
+        _record_eval_inputs(run_dir, where, benches, own_backend)
+        results = _eval_benchmarks(cfg, benches, backend, run_dir, batch, grader, preset, resume=resume)
+        _finish_eval(run_dir, results)
+        return results
+    except KeyboardInterrupt:
+        run_dir.fail("interrupted")
+        raise
+    except BaseException as e:
+        run_dir.fail(str(e) or type(e).__name__)
+        raise
+    finally:
+        grader.close()
+        if own_backend and backend is not None:
+            backend.close()
+
+
+def _open_eval_run(cfg: EvalConfig, out: str | Path | None, *, resume: bool, overwrite: bool,
+                   given_backend: bool) -> tuple[Any, dict[str, Any], str, dict[str, Any]]:
+    """Set-up of :func:`run`: ``(run_dir, where, device, preset)``: the model's weights (:func:`resolve_model`;
+    with a given backend an unresolvable name is kept as is: the backend holds the model), the opened
+    run dir and its manifest's label, price, GPU count, model provenance and preset."""
     from .models import default_device
     from .runs import RunDir, record_path
 
@@ -450,7 +480,7 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
     try:
         where = resolve_model(cfg.model, cfg.base_model)
     except SaetuneError:
-        if backend is None:
+        if not given_backend:
             raise
         where = {"path": cfg.model, "adapter": None, "run_dir": None}  # the given backend holds the model
     run_dir = RunDir.open(out, "eval", cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
@@ -467,48 +497,49 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
             rec["path"] = record_path(rec["path"], run_dir.path)
     preset = _preset_settings(cfg, where)
     m["preset"] = preset
-    batch = cfg.batch_size or (1024 if cfg.backend == "vllm" else 32)
-    own_backend = backend is None
-    grader = Grader(cfg.grade_workers, cfg.grade_timeout_s)
-    try:
-        with run_dir.phase("load"):
-            if own_backend:
-                backend = _build_backend(cfg, where, device, batch, preset["max_total_tokens"] or 0)
-            benches = _load_benchmarks(cfg, cfg.model == "toy" or _is_toy_tokenizer(backend.tokenizer))
-        if own_backend:
-            run_dir.add_input("model", where["path"], digest=None if Path(where["path"]).exists() else "hub")
-            if where["adapter"]:
-                run_dir.add_input("adapter", where["adapter"])
-        for b in benches:
-            if Path(b.source).exists():
-                run_dir.add_input(f"benchmark:{b.name}", b.source)
-        samples_path = run_dir.path / SAMPLES_FILE
-        previous = read_samples(samples_path, _SLIM_KEYS) if resume else []
-        if not resume:
-            samples_path.unlink(missing_ok=True)
-        results: dict[str, dict[str, Any]] = {}
-        counts = {"samples": len(previous), "tokens": sum(int(r["n_tokens"]) for r in previous)}
-        for b in benches:
-            results[b.name] = _eval_benchmark(cfg, b, backend, run_dir, previous, batch, counts,  # extends previous
-                                              grader, preset)
-            atomic_write_json(run_dir.path / RESULTS_FILE, results)  # finished benchmarks are readable early
-        run_dir.add_artifact("results", RESULTS_FILE)
-        run_dir.add_artifact("samples", SAMPLES_FILE)
-        m["throughput"] = {name: {k: e[k] for k in ("problems_per_s", "tokens_per_s", "generate_seconds",
-                                                      "grade_seconds")} for name, e in results.items()}
-        run_dir.finish(results={n: {k: e[k] for k in ("n", "samples_per_problem", "pass@1", "avg@k", "ci95",
-                                                      "unparsable_gold")} for n, e in results.items()})
-        return results
-    except KeyboardInterrupt:
-        run_dir.fail("interrupted")
-        raise
-    except BaseException as e:
-        run_dir.fail(str(e) or type(e).__name__)
-        raise
-    finally:
-        grader.close()
-        if own_backend and backend is not None:
-            backend.close()
+    return run_dir, where, device, preset
+
+
+def _record_eval_inputs(run_dir, where: dict[str, Any], benches: list[_Bench], own_backend: bool) -> None:
+    """The manifest's inputs: the model and adapter this run loaded itself, and each local benchmark file."""
+    if own_backend:
+        run_dir.add_input("model", where["path"], digest=None if Path(where["path"]).exists() else "hub")
+        if where["adapter"]:
+            run_dir.add_input("adapter", where["adapter"])
+    for b in benches:
+        if Path(b.source).exists():
+            run_dir.add_input(f"benchmark:{b.name}", b.source)
+
+
+def _eval_benchmarks(cfg: EvalConfig, benches: list[_Bench], backend, run_dir, batch: int, grader: Grader,
+                     preset: dict[str, Any], *, resume: bool) -> dict[str, dict[str, Any]]:
+    """The loop of :func:`run`: each benchmark in turn (continuing the samples file on ``resume``, else
+    starting it anew); ``results.json`` is rewritten after each, so finished benchmarks are readable early."""
+    from .io import atomic_write_json
+
+    samples_path = run_dir.path / SAMPLES_FILE
+    previous = read_samples(samples_path, _SLIM_KEYS) if resume else []
+    if not resume:
+        samples_path.unlink(missing_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    counts = {"samples": len(previous), "tokens": sum(int(r["n_tokens"]) for r in previous)}
+    for b in benches:
+        results[b.name] = _eval_benchmark(cfg, b, backend, run_dir, previous, batch, counts,  # extends previous
+                                          grader, preset)
+        atomic_write_json(run_dir.path / RESULTS_FILE, results)  # finished benchmarks are readable early
+    return results
+
+
+def _finish_eval(run_dir, results: dict[str, dict[str, Any]]) -> None:
+    """The end of :func:`run`: artifacts, per-benchmark throughput in the manifest, and the run marked complete
+    with the headline numbers of each benchmark."""
+    run_dir.add_artifact("results", RESULTS_FILE)
+    run_dir.add_artifact("samples", SAMPLES_FILE)
+    run_dir.manifest["throughput"] = {
+        name: {k: e[k] for k in ("problems_per_s", "tokens_per_s", "generate_seconds", "grade_seconds")}
+        for name, e in results.items()}
+    run_dir.finish(results={n: {k: e[k] for k in ("n", "samples_per_problem", "pass@1", "avg@k", "ci95",
+                                                  "unparsable_gold")} for n, e in results.items()})
 
 
 def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list[dict[str, Any]], batch: int,
@@ -516,29 +547,12 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
     """Sample, grade and record the samples of one benchmark that are not yet in the samples file."""
     from tqdm.auto import tqdm
 
-    from .eval_presets import gold_ok, grade_one
-    from .generation import SamplingParams, render_prompt
+    from .eval_presets import gold_ok
+    from .generation import render_prompt
 
     samples_path = run_dir.path / SAMPLES_FILE
     tok = backend.tokenizer
-    stop: tuple[int, ...] = ()
-    max_new = preset["max_new_tokens"]
-    if b.toy:
-        from .toy import task
-        from .toy.build import max_new_tokens as toy_max_new_tokens
-        close = tok.convert_tokens_to_ids(task.ANSWER_CLOSE)
-        stop = (int(close),) if close is not None and close != tok.unk_token_id else ()
-        max_new = min(max_new, toy_max_new_tokens())
-
-        def grade_all(texts: list[str], golds: list[str]) -> list[dict[str, Any]]:
-            return [{"correct": task.is_correct(t, g), "gold_extracted": None,
-                     "extracted": [x] if (x := task.extract_answer(t)) is not None else []}
-                    for t, g in zip(texts, golds)]
-    else:
-        def grade_all(texts: list[str], golds: list[str]) -> list[dict[str, Any]]:
-            return grader.apply(grade_one, texts, golds, [b.kind] * len(texts))
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new,
-                            stop_token_ids=stop, max_total_tokens=preset["max_total_tokens"] or 0)
+    grade_all, params = _benchmark_grading(cfg, b, tok, grader, preset)
     prompts = [render_prompt(tok, r["user"], cfg.template) for r in b.rows]
     with run_dir.phase(f"grade:{b.name}"):
         golds = [r["gold"] for r in b.rows]
@@ -558,15 +572,7 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
                                      [_sample_seed(cfg.seed, b.name, p, s) for p, s in chunk])
         with run_dir.phase(f"grade:{b.name}"):
             graded = grade_all([c.text for c in comps], [b.rows[p]["gold"] for p, _ in chunk])
-        # every number can be audited: the exact prompt text (after the template), the gold as graded and
-        # where it came from, what was done to the problem text, and what the grader read from the response
-        rows = [{"benchmark": b.name, "problem_index": p, "sample_index": s, "preset": cfg.preset,
-                 "prompt": prompts[p], "prompt_edits": b.rows[p]["prompt_edits"], "response": c.text,
-                 "gold": b.rows[p]["gold"], "gold_source": b.rows[p]["gold_source"],
-                 "gold_extracted": g["gold_extracted"], "extracted": g["extracted"], "correct": bool(g["correct"]),
-                 "n_tokens": int(c.n_tokens), "truncated": bool(c.truncated),
-                 **({"choices": b.rows[p]["choices"]} if "choices" in b.rows[p] else {})}
-                for (p, s), c, g in zip(chunk, comps, graded)]
+        rows = _sample_rows(cfg, b, prompts, chunk, comps, graded)
         _append_rows(samples_path, rows)
         previous.extend({k: r[k] for k in _SLIM_KEYS} for r in rows)
         counts["samples"] += len(rows)
@@ -577,6 +583,51 @@ def _eval_benchmark(cfg: EvalConfig, b: _Bench, backend, run_dir, previous: list
     bar.close()
     rows = [r for r in previous if r["benchmark"] == b.name]
     return _entry(b, rows, cfg, run_dir.manifest["phases"], unparsable, preset)
+
+
+def _benchmark_grading(cfg: EvalConfig, b: _Bench, tok, grader: Grader, preset: dict[str, Any]):
+    """``(grade_all, params)`` of one benchmark: ``grade_all(texts, golds)`` → one ``{correct, gold_extracted,
+    extracted}`` per response (the toy's exact match here, else ``eval_presets.grade_one`` through ``grader``),
+    and the :class:`~saetune.generation.SamplingParams` (the toy stops at ``</answer>`` and caps the new
+    tokens at its longest trace)."""
+    from .eval_presets import grade_one
+    from .generation import SamplingParams
+
+    stop: tuple[int, ...] = ()
+    max_new = preset["max_new_tokens"]
+    if b.toy:
+        from .toy import task
+        from .toy.build import max_new_tokens as toy_max_new_tokens
+        close = tok.convert_tokens_to_ids(task.ANSWER_CLOSE)
+        stop = (int(close),) if close is not None and close != tok.unk_token_id else ()
+        max_new = min(max_new, toy_max_new_tokens())
+
+        def grade_all(texts: list[str], golds: list[str]) -> list[dict[str, Any]]:
+            return [{"correct": task.is_correct(t, g), "gold_extracted": None,
+                     "extracted": [x] if (x := task.extract_answer(t)) is not None else []}
+                    for t, g in zip(texts, golds)]
+    else:
+        def grade_all(texts: list[str], golds: list[str]) -> list[dict[str, Any]]:
+            return grader.apply(grade_one, texts, golds, [b.kind] * len(texts))
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new,
+                            stop_token_ids=stop, max_total_tokens=preset["max_total_tokens"] or 0)
+    return grade_all, params
+
+
+def _sample_rows(cfg: EvalConfig, b: _Bench, prompts: list[str], chunk: list[tuple[int, int]], comps,
+                 graded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``samples.jsonl`` rows of one generated and graded batch.
+
+    Every number can be audited: the exact prompt text (after the template), the gold as graded and
+    where it came from, what was done to the problem text, and what the grader read from the response.
+    """
+    return [{"benchmark": b.name, "problem_index": p, "sample_index": s, "preset": cfg.preset,
+             "prompt": prompts[p], "prompt_edits": b.rows[p]["prompt_edits"], "response": c.text,
+             "gold": b.rows[p]["gold"], "gold_source": b.rows[p]["gold_source"],
+             "gold_extracted": g["gold_extracted"], "extracted": g["extracted"], "correct": bool(g["correct"]),
+             "n_tokens": int(c.n_tokens), "truncated": bool(c.truncated),
+             **({"choices": b.rows[p]["choices"]} if "choices" in b.rows[p] else {})}
+            for (p, s), c, g in zip(chunk, comps, graded)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,63 +661,84 @@ def compare(run_dirs: Sequence[str | Path], metric: str = "pass@1", allow_mixed_
     unless ``allow_mixed_presets``, and then the frame's ``attrs["note"]`` says so (printed under
     the table by :func:`format_table`).
     Returns a ``pandas.DataFrame`` indexed by label; :func:`format_table` renders it.
+
+    This is the wide table of ``saetune eval --compare``, strict about its input (a run without
+    ``results.json`` or without the asked pass@k is an error). The explorer's Compare page shows
+    another view, :func:`saetune.analysis.comparison_table`: one row per (model, benchmark) with the
+    95 % interval, tolerant of half-written dirs, and adding a pipeline's ``summary.json`` rows.
     """
     import pandas as pd
 
-    from .runs import read_manifest
-
-    if metric.startswith("pass@k:"):
-        key, k = "pass@k", metric.split(":", 1)[1]
-    elif metric in ("pass@1", "avg@k"):
-        key, k = metric, None
-    else:
-        raise SaetuneError(f"metric {metric!r}; valid: pass@1, avg@k, pass@k:K (e.g. pass@k:16)")
+    key, k = _metric_key(metric)
     records, benchmarks = [], []
     for d in (sub for p in run_dirs for sub in _eval_dirs(Path(p))):
-        results = json.loads((d / RESULTS_FILE).read_text())
-        try:
-            man = read_manifest(d)
-        except SaetuneError:
-            man = {}
-        row: dict[str, Any] = {"label": man.get("label") or d.name}
-        values = []
-        for name, e in results.items():
-            if name not in benchmarks:
-                benchmarks.append(name)
-            v = e[key] if k is None else e[key].get(k)
-            if v is None:
-                raise SaetuneError(f"{str(d)!r}: benchmark {name!r} has no pass@{k} "
-                                   f"(its ks: {', '.join(e[key])})")
-            row[name] = 100.0 * v
-            values.append(100.0 * v)
-        row["avg"] = sum(values) / len(values) if values else float("nan")
-        row["n"] = " ".join(f"{e['n']}x{e['samples_per_problem']}" for e in results.values())
-        row["preset"] = ",".join(sorted({str(e.get("preset", "saetune")) for e in results.values()})) or "saetune"
-        row["eval_s"] = man.get("wall_seconds")
-        row["eval_usd"] = man.get("estimated_cost_usd")
-        src = man.get("model_run") or {}
-        row["model_s"] = src.get("wall_seconds")
-        row["model_usd"] = src.get("estimated_cost_usd")
-        row["run_dir"] = str(d)
-        records.append(row)
+        records.append(_compare_row(d, key, k, benchmarks))  # extends benchmarks
     labels = [r["label"] for r in records]
     for i, r in enumerate(records):  # two runs with one label stay apart
         if labels.count(r["label"]) > 1:
             r["label"] = f"{r['label']} ({Path(r['run_dir']).name})"
-    presets = sorted({r["preset"] for r in records})
-    note = ""
-    if len(presets) > 1:
-        which = "; ".join(f"{r['label']}: {r['preset']}" for r in records)
-        if not allow_mixed_presets:
-            raise SaetuneError(f"these eval runs use different presets ({which}); presets grade differently, so "
-                               "their numbers do not compare. Compare runs of one preset, or pass "
-                               "allow_mixed_presets (--allow-mixed-presets) to show them with a note")
-        note = (f"Note: these runs use different eval presets ({', '.join(presets)}): each preset makes prompts and "
-                "grades answers its own way, so rows of different presets do not compare.")
+    note = _mixed_presets_note(records, allow_mixed_presets)
     cols = ["label", *benchmarks, "avg", "n", "preset", "eval_s", "eval_usd", "model_s", "model_usd", "run_dir"]
     df = pd.DataFrame.from_records(records, columns=cols).set_index("label")
     df.attrs["note"] = note
     return df
+
+
+def _metric_key(metric: str) -> tuple[str, str | None]:
+    """``(results key, k)`` of a :func:`compare` metric: ``pass@1`` / ``avg@k`` (k None) or ``pass@k:K``."""
+    if metric.startswith("pass@k:"):
+        return "pass@k", metric.split(":", 1)[1]
+    if metric in ("pass@1", "avg@k"):
+        return metric, None
+    raise SaetuneError(f"metric {metric!r}; valid: pass@1, avg@k, pass@k:K (e.g. pass@k:16)")
+
+
+def _compare_row(d: Path, key: str, k: str | None, benchmarks: list[str]) -> dict[str, Any]:
+    """One eval run's row of :func:`compare` (metric in percent per benchmark, their mean, sizes, preset, time
+    and cost of the eval and of the model's making); benchmarks not yet in ``benchmarks`` are appended to it."""
+    from .runs import read_manifest
+
+    results = json.loads((d / RESULTS_FILE).read_text())
+    try:
+        man = read_manifest(d)
+    except SaetuneError:
+        man = {}
+    row: dict[str, Any] = {"label": man.get("label") or d.name}
+    values = []
+    for name, e in results.items():
+        if name not in benchmarks:
+            benchmarks.append(name)
+        v = e[key] if k is None else e[key].get(k)
+        if v is None:
+            raise SaetuneError(f"{str(d)!r}: benchmark {name!r} has no pass@{k} "
+                               f"(its ks: {', '.join(e[key])})")
+        row[name] = 100.0 * v
+        values.append(100.0 * v)
+    row["avg"] = sum(values) / len(values) if values else float("nan")
+    row["n"] = " ".join(f"{e['n']}x{e['samples_per_problem']}" for e in results.values())
+    row["preset"] = ",".join(sorted({str(e.get("preset", "saetune")) for e in results.values()})) or "saetune"
+    row["eval_s"] = man.get("wall_seconds")
+    row["eval_usd"] = man.get("estimated_cost_usd")
+    src = man.get("model_run") or {}
+    row["model_s"] = src.get("wall_seconds")
+    row["model_usd"] = src.get("estimated_cost_usd")
+    row["run_dir"] = str(d)
+    return row
+
+
+def _mixed_presets_note(records: list[dict[str, Any]], allow_mixed_presets: bool) -> str:
+    """"" when every row has one preset; else the note printed under the table, or, unless
+    ``allow_mixed_presets``, a refusal naming each row's preset."""
+    presets = sorted({r["preset"] for r in records})
+    if len(presets) <= 1:
+        return ""
+    which = "; ".join(f"{r['label']}: {r['preset']}" for r in records)
+    if not allow_mixed_presets:
+        raise SaetuneError(f"these eval runs use different presets ({which}); presets grade differently, so "
+                           "their numbers do not compare. Compare runs of one preset, or pass "
+                           "allow_mixed_presets (--allow-mixed-presets) to show them with a note")
+    return (f"Note: these runs use different eval presets ({', '.join(presets)}): each preset makes prompts and "
+            "grades answers its own way, so rows of different presets do not compare.")
 
 
 def format_table(df, digits: int = 2) -> str:

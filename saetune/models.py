@@ -304,6 +304,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str) -> str:
+    """The device a stage's ``device`` option names: ``auto`` → :func:`default_device`; ``cpu``, ``cuda`` and
+    ``cuda:N`` as given, refused when CUDA is asked for but not available here."""
+    if device == "auto":
+        return default_device()
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SaetuneError(f"device {device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SaetuneError(f"device {device!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    return device
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         return False
