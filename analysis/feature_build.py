@@ -434,10 +434,9 @@ def training_data(cfg: FeaturesConfig, sae_run: Path | None) -> FeaturesConfig:
 def features(cfg: FeaturesConfig, out: str | Path | None = None, resume: bool = False,
              overwrite: bool = False) -> dict[str, Any]:
     """Run ``saetune features`` into run dir ``out``; returns a summary per hook."""
-    from saetune.activations import resolve_device
     from saetune.data import load_chunks
     from saetune.io import atomic_write_json
-    from saetune.models import load_model
+    from saetune.models import load_model, resolve_device
     from saetune.runs import RunDir, record_path
     from saetune.sae import SAE
     from .reasoning_features import reasoning_feature_records

@@ -43,6 +43,7 @@ import torch
 from saetune.config import opt
 from saetune.errors import SaetuneError
 from saetune.io import atomic_replace_dir, atomic_write_json
+from saetune.models import LORA_TARGETS, resolve_device, torch_threads
 from saetune.rl.advantages import overlong_penalty
 from saetune.rl.losses import resolve_agg_mode
 from saetune.rl.rewards import RewardSpec, reasoning_pattern_reward
@@ -54,7 +55,6 @@ from saetune.rl.step import (RLState, Sample, _params, batch_tensors, cure_windo
 from saetune.runs import Checkpoints, RunDir
 
 STAGE = "rl"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOY_EVAL_SEED = 1_000_003  # the toy build's eval stream for seed 0: the shipped base's 0.68 is on it
 
 
@@ -365,8 +365,6 @@ def train(cfg: RLConfig, out: str | Path | None = None, resume: bool = False, ov
     Returns the results (also ``results.json``): greedy accuracy and mean entropy before and
     after, steps, seconds, and ``model_dir`` (the HF model dir ``model/`` of the run).
     """
-    from saetune.activations import resolve_device
-    from saetune.toy.build import torch_threads
     device = resolve_device(cfg.device)
     with RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
                      resume_ignore=("progress", "device", "threads")) as run:

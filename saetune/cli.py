@@ -158,6 +158,12 @@ def cmd_verl_train(args) -> None:
         sys.exit(subprocess.call(cmd))
 
 
+def cmd_eval_sae(args) -> None:
+    from .eval_sae import eval_sae
+    cfg, out, resume = _resolve(args)
+    eval_sae(cfg, out, resume=resume, overwrite=args.overwrite)  # prints the quality table and the run dir
+
+
 def cmd_demo(args) -> None:
     from .demo_pipeline import demo
     cfg, out, resume = _resolve(args)
@@ -194,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_cache)
     p = _verb(sub, "train-sae", TrainSAEConfig, "train SAEs on a model's activations (store or on the fly)")
     p.set_defaults(fn=cmd_train_sae)
+    from .eval_sae import EvalSAEConfig
+    p = _verb(sub, "eval-sae", EvalSAEConfig, "SAEBench's core metrics (ce_loss_score, kl_div_score, explained "
+              "variance, L0, alive, density) and one quality table for one or several SAEs on any model")
+    p.set_defaults(fn=cmd_eval_sae)
     p = sub.add_parser("pipeline", help="run a pipeline recipe (e.g. resa_still_v5): one sub-run per stage",
                        description="Run the stages of a pipeline recipe (a shipped name or a YAML path) into one "
                                    "parent dir; '{stage}' in a setting names an earlier stage's run dir.")

@@ -192,7 +192,10 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
         "accuracy": accuracy, "toy_accuracy": accuracy["base"]["accuracy"],
         "cache_tokens": cache_summary.get("n_tokens"), "cache_bytes_per_token": cache_summary.get("bytes_per_token"),
         "sae": {k: r.get(k) for k in ("hook", "d_sae", "k", "fvu", "l0", "dead_frac", "ce_clean", "ce_spliced",
-                                      "ce_zero", "ce_loss_recovered", "kl_spliced", "train_tokens")},
+                                      "ce_zero", "ce_loss_recovered", "kl_spliced", "train_tokens",
+                                      "explained_variance", "ce_loss_score", "kl_div_score", "frac_alive", "n_tokens",
+                                      "frac_alive_train", "n_alive_train_tokens", "dead_tokens",
+                                      "dead_window_could_trigger", "note")},
         "rl": rl,
         "tune": {k: tune_res.get(k) for k in ("steps", "tokens", "eval_loss_before", "eval_loss_after", "final_fvu",
                                               "tokens_per_s", "lora_layers")},
@@ -206,6 +209,27 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
 
 
 SOURCE_BUILD = dict(steps=200, lr=1e-3, warmup_steps=20)  # the base trained further: the demo's stronger source
+
+
+def alive_line(sae: dict) -> str:
+    """The SAE's liveness with its saved (averaged) weights: the share of latents that fire at least once over its
+    training tokens (a store-trained SAE) and over the held-out evaluation tokens (SAEBench's ``frac_alive``);
+    then the training-time dead counter, which watched the training weights over its last ``dead_tokens``, and
+    whether a window that long could trigger at all in this run."""
+    parts = []
+    if sae.get("frac_alive_train") is not None:
+        parts.append(f"{sae['frac_alive_train']:.1%} of {sae['d_sae']:,} fire on its {sae['n_alive_train_tokens']:,} "
+                     "training tokens")
+    if sae.get("frac_alive") is not None:
+        parts.append(f"{sae['frac_alive']:.1%} on {sae['n_tokens']:,} held-out")
+    text = ", ".join(parts) + (" (saved weights)" if parts else "")
+    window = sae.get("dead_tokens")
+    counter = f"dead counter {sae['dead_frac']:.3f}"
+    if window and sae.get("dead_window_could_trigger") is False:
+        counter += f" (its {window:,}-token window is longer than the run: it could not trigger)"
+    elif window:
+        counter += f" (training weights, {window:,}-token window)"
+    return f"{text}; {counter}" if parts else counter
 
 
 def format_table(s: dict) -> str:
@@ -222,8 +246,11 @@ def format_table(s: dict) -> str:
     rows += [
         ("activations cached (source)", f"{s['cache_tokens']:,} tokens, {s['cache_bytes_per_token']:.0f} B/token"),
         ("SAE", f"{sae['hook']}, d_sae {sae['d_sae']}, k {sae['k']}, {sae['train_tokens']:,} tokens"),
-        ("SAE FVU / L0 / dead", f"{sae['fvu']:.4f} / {sae['l0']:.1f} / {sae['dead_frac']:.3f}"),
-        ("SAE CE loss recovered", f"{sae['ce_loss_recovered']:.3f}"),
+        ("SAE FVU / L0", f"{sae['fvu']:.4f} / {sae['l0']:.1f}"),
+        ("SAE alive latents", alive_line(sae)),
+        ("SAE CE loss recovered", f"{sae['ce_loss_recovered']:.3f}" + (
+            f" (KL score {sae['kl_div_score']:.3f}; SAEBench's scores, zero-ablation baseline)"
+            if sae.get("kl_div_score") is not None else "")),
         ("SAE-Tuning held-out KL", f"{tu['eval_loss_before']:.3f} → {tu['eval_loss_after']:.3f} per sequence "
                                    f"({tu['steps']} steps, FVU in the base {tu['final_fvu']:.3f})"),
     ] + [(f"time: {k}", f"{v:.1f} s, ${s['cost_usd'].get(k, 0.0):.2f}") for k, v in s["seconds"].items()] + [

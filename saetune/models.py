@@ -32,6 +32,9 @@ from .errors import SaetuneError
 
 _LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers",
                 "layers", "h", "blocks")
+# the attention and MLP projections of a Llama / Qwen / Mistral decoder block: where LoRA goes unless a stage's
+# target_modules says otherwise (saetune tune and saetune rl; Resa adapts all seven)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,20 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaetuneError(f"device {device!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
     return device
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (``n`` = 0: leave the count as it is), then restore the
+    previous count. A stage's ``threads`` option: float sums depend on the thread count, so a run that must be
+    reproduced byte for byte (the toy build, RL on CPU) fixes it."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -1,4 +1,4 @@
-"""Sparse autoencoders: TopK (Resa's), BatchTopK, standard (ReLU + L1) and JumpReLU.
+"""Sparse autoencoders: TopK (Resa's), BatchTopK, Matryoshka BatchTopK, standard (ReLU + L1) and JumpReLU.
 
 Parameters use SAELens' names and shapes: ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae),
 ``W_dec`` (d_sae, d_in), ``b_dec`` (d_in); JumpReLU (and BatchTopK at inference) adds
@@ -8,6 +8,9 @@ Parameters use SAELens' names and shapes: ``W_enc`` (d_in, d_sae), ``b_enc`` (d_
     topk:      f = TopK_k(ReLU(pre))                      (Gao et al. 2024)
     batchtopk: keep the k·B largest ReLU(pre) of a batch   (Bussmann et al. 2024); at inference
                f = pre · 1[pre > θ] with θ the running mean of the smallest kept activation
+    matryoshka_batchtopk: batchtopk's f (selection over the whole dictionary, same θ at inference),
+               trained so that every prefix [0, m_i) of the latents reconstructs x on its own
+               (Bussmann, Nabeshima, Karvonen, Nanda 2025; loss in ``saetune.sae_losses``)
     standard:  f = ReLU(pre)                                (L1 penalty Σ f_j ‖W_dec,j‖)
     jumprelu:  f = pre · 1[pre > θ_j]                       (Rajamanoharan et al. 2024)
     x̂ = f · W_dec + b_dec
@@ -17,7 +20,8 @@ unit-norm rows, b_dec = 0 (the trainer sets it to the first batch's mean).
 
 Formats: SAELens (``cfg.json`` + ``sae_weights.safetensors``) and sparsify (``cfg.json`` +
 ``sae.safetensors`` with ``encoder.weight`` (d_sae, d_in), ``encoder.bias``, ``W_dec``,
-``b_dec``); a directory of several hooks holds one such dir per hook.
+``b_dec``); a directory of several hooks holds one such dir per hook. BatchTopK and Matryoshka
+BatchTopK save as SAELens saves them after training: a JumpReLU SAE with θ in every latent.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ from torch import Tensor, nn
 
 from .errors import SaetuneError
 from .io import atomic_save_safetensors, atomic_write_json
+from .sae_losses import jumprelu  # JumpReLU with its straight-through estimator
 
-ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu")
+BATCH_TOPK_ARCHS = ("batchtopk", "matryoshka_batchtopk")  # one global top-k·B selection; θ at inference
+K_ARCHS = ("topk",) + BATCH_TOPK_ARCHS  # architectures that need k
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 
@@ -51,6 +58,7 @@ class SAEConfig:
     l0_coefficient: float = 1.0
     jumprelu_init_threshold: float = 0.001
     jumprelu_bandwidth: float = 0.001
+    matryoshka_widths: list[int] | None = None  # prefix sizes m_1 < … < m_n = d_sae (SAELens' name)
     hook_name: str = ""
     model_name: str = ""
     dtype: str = "float32"
@@ -63,50 +71,40 @@ class SAEConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise SaetuneError(f"SAE {name} must be a positive integer, got {v!r}")
-        if self.architecture in ("topk", "batchtopk"):
+        if self.architecture in K_ARCHS:
             if self.k is None:
                 raise SaetuneError(f"architecture {self.architecture!r} needs k (active latents per token)")
             if not 1 <= self.k < self.d_sae:
                 raise SaetuneError(f"k must satisfy 1 ≤ k < d_sae; got k={self.k}, d_sae={self.d_sae}")
+        if self.architecture == "matryoshka_batchtopk":
+            self.matryoshka_widths = check_matryoshka_widths(self.matryoshka_widths, self.d_sae)
+        elif self.matryoshka_widths:
+            raise SaetuneError(f"matryoshka_widths {self.matryoshka_widths} is set, but architecture "
+                               f"{self.architecture!r} has no nested prefixes; use 'matryoshka_batchtopk'")
+
+
+def check_matryoshka_widths(widths, d_sae: int) -> list[int]:
+    """Prefix sizes of a Matryoshka SAE, checked: integers ≥ 1, strictly increasing, the last = d_sae."""
+    example = f"e.g. [{max(1, d_sae // 16)}, {max(1, d_sae // 4)}, {d_sae}]"
+    if not widths:
+        raise SaetuneError(f"architecture 'matryoshka_batchtopk' needs matryoshka_widths (nested prefix sizes "
+                           f"ending at d_sae={d_sae}), {example}")
+    if isinstance(widths, (str, bytes)) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        raise SaetuneError(f"matryoshka_widths must be a list of integers, got {widths!r}")
+    widths = list(widths)
+    if widths[0] < 1:
+        raise SaetuneError(f"matryoshka_widths must all be ≥ 1; got {widths}")
+    for a, b in zip(widths, widths[1:]):
+        if b <= a:
+            raise SaetuneError(f"matryoshka_widths must be strictly increasing; got {widths} ({b} after {a})")
+    if widths[-1] != d_sae:
+        raise SaetuneError(f"the last of matryoshka_widths must equal d_sae={d_sae} (the whole dictionary); "
+                           f"got {widths}, {example}")
+    return widths
 
 
 def _saelens_architecture(cfg: SAEConfig) -> str:
-    return "jumprelu" if cfg.architecture == "batchtopk" else cfg.architecture
-
-
-class _JumpReLU(torch.autograd.Function):
-    """f = z·H(z−θ); ∂f/∂z = H(z−θ), ∂f/∂θ = −(θ/ε)·K((z−θ)/ε) with K the unit rectangle."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float):
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        z, theta = ctx.saved_tensors
-        eps = ctx.eps
-        rect = ((z - theta).abs() < eps / 2).to(g.dtype)
-        d_theta = (-(theta / eps) * rect * g).reshape(-1, theta.shape[-1]).sum(0)
-        return g * (z > theta), d_theta, None
-
-
-class _StepL0(torch.autograd.Function):
-    """L0 = Σ H(z−θ) with ∂/∂θ = −(1/ε)·K((z−θ)/ε) (no gradient to z)."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float):
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        z, theta = ctx.saved_tensors
-        rect = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
-        d_theta = (-(1.0 / ctx.eps) * rect * g).reshape(-1, theta.shape[-1]).sum(0)
-        return None, d_theta, None
+    return "jumprelu" if cfg.architecture in BATCH_TOPK_ARCHS else cfg.architecture
 
 
 class SAE(nn.Module):
@@ -126,7 +124,7 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((n,), cfg.jumprelu_init_threshold))
-        elif cfg.architecture == "batchtopk":
+        elif cfg.architecture in BATCH_TOPK_ARCHS:
             self.register_buffer("threshold", torch.zeros(n))
         if device is not None:
             self.to(device)
@@ -160,19 +158,16 @@ class SAE(nn.Module):
         if arch == "standard":
             return pre.relu()
         if arch == "jumprelu":
-            return _JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
-        # batchtopk
+            return jumprelu(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        # batchtopk, matryoshka_batchtopk
         if self.training or not bool((self.threshold > 0).any()):
             return self.batch_topk(pre)
         return pre * (pre > self.threshold)
 
     def batch_topk(self, pre: Tensor) -> Tensor:
-        """Keep the k·B largest ReLU(pre) over the whole batch (B = tokens in it)."""
-        flat = pre.relu().reshape(-1)
-        n_tok = pre.numel() // pre.shape[-1]
-        keep = min(self.cfg.k * n_tok, flat.numel())
-        v, i = flat.topk(keep, sorted=False)
-        return torch.zeros_like(flat).scatter(0, i, v).reshape(pre.shape)
+        """Keep the k·B largest ReLU(pre) over the whole batch (B = tokens in it): ``batch_topk``'s torch path."""
+        from saetune.kernels.topk_sae import batch_topk_torch
+        return batch_topk_torch(pre, self.cfg.k)
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """TopK SAEs: (values, indices) of the k active latents, each [..., k]."""
@@ -228,12 +223,13 @@ class SAE(nn.Module):
         cfg = self.cfg
         if format == "saelens":
             tensors = self.state_tensors()
-            if cfg.architecture == "batchtopk":
+            if cfg.architecture in BATCH_TOPK_ARCHS:
                 tensors["threshold"] = self.threshold.detach().clone()
-            meta = {**cfg.metadata, "hook_name": cfg.hook_name, "model_name": cfg.model_name,
-                    "saetune": {"architecture": cfg.architecture, "k": cfg.k,
-                                "l1_coefficient": cfg.l1_coefficient, "l0_coefficient": cfg.l0_coefficient,
-                                "jumprelu_bandwidth": cfg.jumprelu_bandwidth}}
+            st = {"architecture": cfg.architecture, "k": cfg.k, "l1_coefficient": cfg.l1_coefficient,
+                  "l0_coefficient": cfg.l0_coefficient, "jumprelu_bandwidth": cfg.jumprelu_bandwidth}
+            if cfg.matryoshka_widths:
+                st["matryoshka_widths"] = list(cfg.matryoshka_widths)
+            meta = {**cfg.metadata, "hook_name": cfg.hook_name, "model_name": cfg.model_name, "saetune": st}
             d = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
                  "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
                  "metadata": meta, "architecture": _saelens_architecture(cfg)}
@@ -260,8 +256,10 @@ class SAE(nn.Module):
     # ---- loading --------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, hook: str | None = None, device: str | torch.device = "cpu") -> "SAE":
-        """Load an SAE in SAELens or sparsify layout; a dir of several hooks needs ``hook``."""
-        path = Path(path)
+        """Load an SAE in SAELens or sparsify layout; a dir of several hooks needs ``hook``. ``path`` may also
+        name a pretrained release (:mod:`saetune.releases`: local HF cache, else the hub)."""
+        from .releases import resolve_release
+        path = resolve_release(path, hook)  # an existing path as given; a release name → its files
         if not path.exists():
             raise SaetuneError(f"SAE path {str(path)!r} does not exist")
         if (path / "sae").is_dir() and not (path / "cfg.json").exists():
@@ -303,6 +301,7 @@ class SAE(nn.Module):
         cfg = SAEConfig(d_in=int(d["d_in"]), d_sae=int(d["d_sae"]), k=d.get("k", st.get("k")), architecture=arch,
                         l1_coefficient=st.get("l1_coefficient", 5.0), l0_coefficient=st.get("l0_coefficient", 1.0),
                         jumprelu_bandwidth=st.get("jumprelu_bandwidth", 0.001),
+                        matryoshka_widths=st.get("matryoshka_widths"),
                         hook_name=meta.get("hook_name") or d.get("hook_name") or "",
                         model_name=meta.get("model_name") or d.get("model_name") or "",
                         metadata={k: v for k, v in meta.items() if k not in ("saetune", "hook_name", "model_name")})

@@ -35,10 +35,12 @@ from .config import opt
 from .data import DataConfig, load_chunks
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
-from .metrics import fvu as fvu_of, l0 as l0_of, mse as mse_of, total_variance
+from .metrics import l0 as l0_of, total_variance
 from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free, load_optimizer, save_optimizer
 from .runs import RunDir, SigtermInterrupts, record_path
-from .sae import ARCHITECTURES, SAE, SAEConfig, _StepL0, warn_hook_mismatch
+from .sae import ARCHITECTURES, BATCH_TOPK_ARCHS, K_ARCHS, SAE, SAEConfig, check_matryoshka_widths, warn_hook_mismatch
+from .sae_losses import (batchtopk_loss, jumprelu_loss, matryoshka_batchtopk_loss, standard_loss, topk_loss,
+                         update_batch_topk_threshold_)
 from saetune.kernels import sae_update
 
 STAGE = "train-sae"
@@ -57,8 +59,11 @@ class TrainSAEConfig(DataConfig):
     d_sae: list[int] = opt(None, "latent counts (one SAE per width); empty = expansion_factor × d_in",
                            factory=list)
     expansion_factor: int = opt(8, "d_sae = expansion_factor × d_in when d_sae is empty")
-    k: list[int] = opt(None, "active latents per token for topk/batchtopk (one SAE per value; Resa: 32)",
-                       factory=lambda: [32])
+    k: list[int] = opt(None, "active latents per token for topk, batchtopk and matryoshka_batchtopk (one SAE per "
+                             "value; Resa: 32)", factory=lambda: [32])
+    matryoshka_widths: list[int] = opt(None, "matryoshka_batchtopk: nested prefix sizes m_1 < … < m_n of the "
+                                             "dictionary, the last = d_sae; each prefix [0, m_i) is trained to "
+                                             "reconstruct the input (Bussmann et al. 2025)", factory=list)
     optimizer: str = opt("signum_sf", f"optimiser: {', '.join(OPTIMIZERS)} (signum_sf = Resa's sign-SGD + "
                                       "schedule-free)")
     lr: float = opt(0.0, "learning rate; 0 = width-scaled default (signum_sf 5e-3/√(d_sae/2¹⁴), adam "
@@ -119,8 +124,16 @@ class TrainSAEConfig(DataConfig):
                                f"{self.architecture!r}")
         if self.save_format == "sparsify" and self.architecture != "topk":
             raise SaetuneError("save_format 'sparsify' holds topk SAEs only; use save_format 'saelens'")
-        if self.architecture in ("topk", "batchtopk") and not self.k:
+        if self.architecture in K_ARCHS and not self.k:
             raise SaetuneError(f"architecture {self.architecture!r} needs k")
+        if self.architecture == "matryoshka_batchtopk":
+            if len(self.d_sae) != 1:
+                raise SaetuneError(f"matryoshka_batchtopk trains one width per run (matryoshka_widths ends at d_sae); "
+                                   f"give exactly one d_sae, got {self.d_sae or 'none (expansion_factor)'}")
+            check_matryoshka_widths(self.matryoshka_widths, self.d_sae[0])
+        elif self.matryoshka_widths:
+            raise SaetuneError(f"matryoshka_widths {self.matryoshka_widths} is set, but architecture "
+                               f"{self.architecture!r} has no nested prefixes; use 'matryoshka_batchtopk'")
         if self.skip_training and not self.init_from:
             raise SaetuneError("skip_training needs init_from (the pretrained SAE to evaluate and save)")
         if self.init_from and (len(self.hooks) > 1 or len(self.d_sae) > 1 or len(self.k) > 1):
@@ -140,71 +153,42 @@ class SAETrainer:
         self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
         self.k_aux = cfg.auxk_k or sae.d_in // 2
         arch = sae.cfg.architecture
-        self.renorm = cfg.normalize_decoder and arch in ("topk", "batchtopk")
+        self.renorm = cfg.normalize_decoder and arch in K_ARCHS
         self.dist = None  # saetune.distributed.Dist when several processes train (set by train_sae)
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """(loss, metric tensors, fired-latent mask) for a batch x [B, d_in]."""
-        # Triton kernels on CUDA, the plain-torch ops elsewhere (saetune.kernels.dispatch; SAETUNE_KERNELS forces)
-        from saetune.kernels import batch_topk, sparse_decode, topk_autoencode, topk_encode
+        """(loss, metric tensors, fired-latent mask) for a batch x [B, d_in]: the architecture's loss from
+        ``saetune.sae_losses`` (whose ops run Triton kernels on CUDA, plain torch elsewhere; SAETUNE_KERNELS
+        forces), plus L0, the latents that fired and BatchTopK's inference threshold."""
         sae, cfg = self.sae, self.cfg
-        arch = sae.cfg.architecture
-        m: dict[str, torch.Tensor] = {}
+        arch, sc = sae.cfg.architecture, sae.cfg
         if arch == "topk":
             dead = self.dead_mask() if cfg.auxk_coef > 0 else None
-            use_aux = dead is not None and bool(dead.any())
-            if use_aux:
-                x_in = x - sae.b_dec
-                v, i, va, ia = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k, dead, self.k_aux)
-                x_hat = sparse_decode(v, i, sae.W_dec) + sae.b_dec
-            else:  # one autograd node for the whole SAE: the backward sorts the latents once
-                x_hat, v, i = topk_autoencode(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k)
-            sq = (x_hat.float() - x).pow(2).sum()
-            f = loss = sq / self._total_variance(x).clamp_min(1e-12)
-            pos = (v.detach() > 0).to(torch.uint8)
-            m["l0"] = pos.sum() / x.shape[0]
-            m["mse"] = sq.detach() / x.shape[0]
+            loss, terms, v, i = topk_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sc.k, self._total_variance(x),
+                                          dead, self.k_aux, cfg.auxk_coef)
+            pos = (v.detach() > 0).to(torch.uint8)  # (B, k)
+            l0 = pos.sum() / x.shape[0]
             fired = torch.zeros(sae.d_sae, dtype=torch.uint8, device=x.device).scatter_reduce_(
                 0, i.reshape(-1), pos.reshape(-1), "amax").bool()
-            if use_aux:
-                # AuxK (Gao et al. 2024): the top-k_aux dead latents reconstruct the residual e = x − x̂
-                e = (x - x_hat).detach().float()
-                e_hat = sparse_decode(va, ia, sae.W_dec).float()
-                scale = min(int(dead.sum()) / self.k_aux, 1.0)
-                auxk = scale * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-                loss = loss + cfg.auxk_coef * auxk
-                m["auxk"] = auxk
         else:
             pre = sae.pre_acts(x)
             if arch == "batchtopk":
-                acts = batch_topk(pre, sae.cfg.k)
+                loss, terms, acts = batchtopk_loss(x, pre, sae.W_dec, sae.b_dec, sc.k)
+            elif arch == "matryoshka_batchtopk":
+                loss, terms, acts = matryoshka_batchtopk_loss(x, pre, sae.W_dec, sae.b_dec, sc.k, sc.matryoshka_widths)
             elif arch == "standard":
-                acts = pre.relu()
+                loss, terms, acts = standard_loss(x, pre, sae.W_dec, sae.b_dec, sc.l1_coefficient)
             else:
-                from .sae import _JumpReLU
-                acts = _JumpReLU.apply(pre, sae.threshold, sae.cfg.jumprelu_bandwidth)
-            x_hat = sae.decode(acts)
-            f = fvu_of(x, x_hat.float())
-            mse = mse_of(x, x_hat.float())
-            if arch == "batchtopk":
-                loss = f
-                with torch.no_grad():  # inference threshold: running mean of the smallest kept activation
-                    pos = acts[acts > 0]
-                    if pos.numel():
-                        sae.threshold.mul_(0.99).add_(0.01 * pos.min())
-            elif arch == "standard":
-                loss = mse + sae.cfg.l1_coefficient * (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
-            else:
-                loss = mse + sae.cfg.l0_coefficient * _StepL0.apply(pre, sae.threshold, sae.cfg.jumprelu_bandwidth).sum(-1).mean()
-            m["l0"] = l0_of(acts)
-            m["mse"] = mse.detach()
+                loss, terms, acts = jumprelu_loss(x, pre, sae.threshold, sae.W_dec, sae.b_dec, sc.l0_coefficient,
+                                                  sc.jumprelu_bandwidth)
+            if arch in BATCH_TOPK_ARCHS:
+                update_batch_topk_threshold_(sae.threshold, acts)  # θ for inference
+            l0 = l0_of(acts)
             fired = (acts > 0).any(0)
-        m["fvu"] = f
-        m["loss"] = loss
-        return loss, m, fired
+        return loss, {"l0": l0, **terms, "loss": loss}, fired
 
     def _total_variance(self, x: torch.Tensor) -> torch.Tensor:
         """Σ_b ‖x_b − x̄‖² over the global batch (all ranks' rows), so FVU's denominator is the one-process one."""
@@ -259,7 +243,7 @@ class SAETrainer:
 
 def sae_specs(cfg: TrainSAEConfig, widths: dict[str, int]) -> list[tuple[str, str, int, int | None]]:
     """(name, hook, d_sae, k) for every SAE of the run; names are the hook when it is unique."""
-    ks: list[int | None] = list(cfg.k) if cfg.architecture in ("topk", "batchtopk") else [None]
+    ks: list[int | None] = list(cfg.k) if cfg.architecture in K_ARCHS else [None]
     specs = []
     for hook in cfg.hooks:
         sizes = list(cfg.d_sae) or [cfg.expansion_factor * widths[hook]]
@@ -284,15 +268,54 @@ def _initial_sae(cfg: TrainSAEConfig, sc: SAEConfig, hook: str) -> SAE:
     return sae
 
 
+# ---- the training step train_sae and fit_sae share ---------------------------------------------
+
+def autocast_dtype(cfg: TrainSAEConfig, device: str) -> torch.dtype | None:
+    """The SAE forward's autocast dtype: bfloat16 when asked, or on CUDA under ``auto`` (Resa); else none."""
+    return torch.bfloat16 if (cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device != "cpu")) else None
+
+
+def train_step(trainers: list[tuple[str, SAETrainer]], batch: dict[str, torch.Tensor], step: int,
+               cfg: TrainSAEConfig, autocast: torch.dtype | None, dist=None,
+               stopped: str = "training stopped") -> dict[str, torch.Tensor]:
+    """Step ``step`` (0-based) of every SAE on ``batch`` (hook → [B, d_in]): the loop body of ``train_sae``
+    and ``saetune.fit_sae``. Before the first step b_dec is set (``init_b_dec_``); adam's lr warms up
+    linearly, lr·min(1, (step+1)/warmup_steps); each ``SAETrainer.step`` runs; a non-finite loss stops
+    training with a SaetuneError that ends with ``stopped``. Returns the metrics, keyed
+    ``<sae name>/<metric>`` when there are several SAEs."""
+    if step == 0:
+        init_b_dec_(trainers, batch, cfg.init_b_dec, dist)
+    if cfg.optimizer == "adam" and cfg.warmup_steps:
+        for _, t in trainers:
+            t.set_lr(t.lr * min(1.0, (step + 1) / cfg.warmup_steps))
+    row: dict[str, torch.Tensor] = {}
+    for hook, t in trainers:
+        m = t.step(batch[hook], autocast)
+        if not torch.isfinite(m["loss"]):
+            raise SaetuneError(f"non-finite loss ({m['loss'].item()}) for SAE {t.name!r} at step {step + 1}; "
+                               f"{stopped} — lower the lr or check the activations")
+        prefix = "" if len(trainers) == 1 else f"{t.name}/"
+        row.update({prefix + k: v for k, v in m.items()})
+    return row
+
+
+def use_averaged_weights(trainers: list[tuple[str, SAETrainer]]) -> None:
+    """Switch schedule-free optimisers to their averaged weights: what Resa saves and evaluates."""
+    for _, t in trainers:
+        if is_schedule_free(t.opt):
+            t.opt.eval()
+
+
 @torch.no_grad()
-def init_b_dec_(trainers: list[tuple[str, SAETrainer]], batch: dict[str, torch.Tensor], how: str, dist) -> None:
+def init_b_dec_(trainers: list[tuple[str, SAETrainer]], batch: dict[str, torch.Tensor], how: str, dist=None) -> None:
     """Set every SAE's b_dec before its first step: the first global batch's mean (``mean``), zero, or
     leave it (``keep``). ``mean`` applies to SAEs loaded from ``init_from`` too: the reference's trainer
     (sparsify's ``Trainer.fit``) overwrites b_dec on its first step, re-centring an SAE trained elsewhere
-    on this hook's activations while keeping its other weights."""
+    on this hook's activations while keeping its other weights. ``dist`` None = one process."""
     for hook, t in trainers:
         if how == "mean":
-            t.sae.b_dec.copy_(dist.all_reduce_(batch[hook].float().mean(0), "mean"))  # equal slices: global mean
+            mean = batch[hook].float().mean(0)
+            t.sae.b_dec.copy_(mean if dist is None else dist.all_reduce_(mean, "mean"))  # equal slices: global mean
         elif how == "zero":
             t.sae.b_dec.zero_()
 
@@ -415,14 +438,15 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
         for j, (name, hook, n, k) in enumerate(specs):
             sc = SAEConfig(d_in=source.widths[hook], d_sae=n, k=k, architecture=cfg.architecture,
                            l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient,
-                           jumprelu_bandwidth=cfg.jumprelu_bandwidth, hook_name=hook, model_name=cfg.model)
+                           jumprelu_bandwidth=cfg.jumprelu_bandwidth, hook_name=hook, model_name=cfg.model,
+                           matryoshka_widths=list(cfg.matryoshka_widths) or None)
             sae = _initial_sae(cfg, sc, hook) if cfg.init_from else SAE(sc, seed=cfg.seed + j)
             trainers.append((hook, SAETrainer(name, sae.to(device), cfg, device)))
             trainers[-1][1].dist = dist
         n_steps = 0 if cfg.skip_training else source.n_steps
         start, tokens = load_checkpoint(run, [t for _, t in trainers]) if resume else (0, 0)
         run.truncate_metrics(start)
-        autocast = torch.bfloat16 if (cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and device != "cpu")) else None
+        autocast = autocast_dtype(cfg, device)
         bar = tqdm(total=n_steps, initial=start, desc="train-sae", unit="step", disable=not (cfg.progress and dist.is_main))
         t_train = time.perf_counter()
         last_ckpt = start
@@ -433,20 +457,8 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
                     break
                 if die_at == step + 1:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if step == 0:
-                    init_b_dec_(trainers, batch, cfg.init_b_dec, dist)
-                if cfg.optimizer == "adam" and cfg.warmup_steps:
-                    for _, t in trainers:
-                        t.set_lr(t.lr * min(1.0, (step + 1) / cfg.warmup_steps))
-                row: dict[str, Any] = {}
-                for hook, t in trainers:
-                    m = t.step(batch[hook], autocast)
-                    if not torch.isfinite(m["loss"]):
-                        raise SaetuneError(f"non-finite loss ({m['loss'].item()}) for SAE {t.name!r} at step "
-                                           f"{step + 1}; training stopped, the last good checkpoint "
-                                           f"(step {last_ckpt}) is kept — lower the lr or check the activations")
-                    prefix = "" if len(trainers) == 1 else f"{t.name}/"
-                    row.update({prefix + k: v for k, v in m.items()})
+                row = train_step(trainers, batch, step, cfg, autocast, dist,
+                                 stopped=f"training stopped, the last good checkpoint (step {last_ckpt}) is kept")
                 tokens += cfg.batch_size
                 done = step + 1
                 if done % cfg.log_every == 0 or done == n_steps:
@@ -463,9 +475,7 @@ def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool =
                 bar.update(1)
         bar.close()
         train_seconds = time.perf_counter() - t_train
-        for _, t in trainers:
-            if is_schedule_free(t.opt):
-                t.opt.eval()  # averaged weights: what Resa saves and evaluates
+        use_averaged_weights(trainers)
         if not dist.is_main:
             dist.barrier()  # rank 0 saves and evaluates
             dist.end()
@@ -583,51 +593,58 @@ class _DataSource:
 
 @torch.no_grad()
 def evaluate_saes(source: _DataSource, trainers: list[tuple[str, SAETrainer]], cfg: TrainSAEConfig,
-                  batch_seqs: int = 8) -> dict[str, dict[str, float]]:
-    """FVU, L0, dead fraction, and the spliced-in CE loss recovered and KL, per SAE."""
-    from .metrics import ce_loss_recovered, kl_per_token, next_token_ce
-    from .models import replace_activation
+                  batch_seqs: int = 8) -> dict[str, dict[str, Any]]:
+    """Per SAE, with the weights as saved: SAEBench's core metrics on the held-out text and honest liveness.
+
+    The metrics are ``saetune eval-sae``'s, from the same loop (:func:`saetune.eval_sae.core_eval`; definitions
+    and the SAEBench version they follow in :mod:`saetune.sae_quality`): ``ce_loss_score`` (= ``ce_loss_recovered``,
+    zero-ablation baseline), ``kl_div_score``, explained variance, FVU, L0, ``frac_alive`` (latents that fired at
+    least once over the evaluation tokens) and the log10 firing-density histogram, with pad/eos/bos positions
+    left out as SAEBench does. ``batch_seqs`` sequences per forward (also the batch of SAEBench's explained
+    variance; 8 keeps the memory of the dense latents and three logit tensors as before).
+
+    Liveness: ``dead_frac`` is the training-time counter (latents silent for the last ``dead_tokens`` tokens); when
+    the run is shorter than that window it could not count anything, so ``dead_window_could_trigger`` is False and
+    ``note`` says so. ``frac_never_fired_in_training`` counts latents silent for the whole run (the training weights,
+    not the averaged ones). A store-trained run also gets ``frac_alive_train``: latents firing at least once over
+    (up to 2²² of) its training tokens with the saved weights.
+    """
+    from .eval_sae import core_eval, fire_counts, special_ids
+    from .sae_quality import SAEBENCH_SOURCE, density_stats, feature_density
     results = {t.name: {"dead_frac": round(float(t.dead_mask().float().mean()), 6), "d_sae": t.sae.d_sae,
                         "k": t.sae.cfg.k, "hook": hook, "architecture": t.sae.cfg.architecture}
                for hook, t in trainers}
+    if cfg is not None:
+        train_tokens = (0 if cfg.skip_training else source.n_steps) * cfg.batch_size
+        for hook, t in trainers:
+            r = results[t.name]
+            r["dead_tokens"] = cfg.dead_tokens
+            r["dead_window_could_trigger"] = train_tokens >= cfg.dead_tokens
+            if not r["dead_window_could_trigger"]:
+                r["note"] = (f"dead window could not trigger: dead_tokens={cfg.dead_tokens:,} > "
+                             f"{train_tokens:,} training tokens, so dead_frac is 0 by construction; see frac_alive")
+            silent = getattr(t, "tokens_since_fired", None)
+            if silent is not None and train_tokens > 0:
+                r["frac_never_fired_in_training"] = round(float((silent >= train_tokens).float().mean()), 6)
+        if getattr(source, "store", None) is not None and train_tokens > 0:
+            counts, n = fire_counts({t.name: (hook, t.sae) for hook, t in trainers},
+                                    source.store.iter_batches(sorted({h for h, _ in trainers}), cfg.batch_size,
+                                                              shuffle=cfg.shuffle, seed=cfg.seed),
+                                    max_tokens=min(train_tokens, 1 << 22))
+            for name, c in counts.items():
+                results[name]["frac_alive_train"] = round(density_stats(feature_density(c, n))["frac_alive"], 6)
+                results[name]["n_alive_train_tokens"] = n
     ids_all = source.eval_data()
     if ids_all is None:
+        for r in results.values():
+            r["note"] = "; ".join(filter(None, [r.get("note"), "no held-out text (eval_seqs 0): `saetune eval-sae "
+                                                "--sae RUN_DIR` measures ce_loss_score, kl_div_score, EV and alive"]))
         return results
     model = source._load_model()
-    dev = next(model.parameters()).device
-    sums: dict[str, dict[str, float]] = {t.name: {} for _, t in trainers}
-    n_seqs = 0  # each batch's means weigh by its sequences (all of one length): the last batch may be short
-    for b in range(0, ids_all.shape[0], batch_seqs):
-        ids = ids_all[b:b + batch_seqs].to(dev)
-        clean = model(input_ids=ids, use_cache=False).logits
-        ce_clean = float(next_token_ce(clean, ids))
-        n_seqs += ids.shape[0]
-        for hook, t in trainers:
-            hp = source.hps[hook]
-            s = sums[t.name]
-            captured = {}
-
-            def splice(a, sae=t.sae, captured=captured):
-                x = a.reshape(-1, a.shape[-1]).float()
-                x_hat = sae(x)
-                captured["x"], captured["x_hat"] = x, x_hat
-                captured["l0"] = l0_of(sae.encode(x))
-                return x_hat.reshape(a.shape).to(a.dtype)
-
-            with replace_activation(model, hp, splice):
-                spliced = model(input_ids=ids, use_cache=False).logits
-            with replace_activation(model, hp, torch.zeros_like):
-                zero = model(input_ids=ids, use_cache=False).logits
-            for key, val in (("ce_clean", ce_clean), ("ce_spliced", float(next_token_ce(spliced, ids))),
-                             ("ce_zero", float(next_token_ce(zero, ids))),
-                             ("kl_spliced", float(kl_per_token(clean, spliced))),
-                             ("fvu", float(fvu_of(captured["x"], captured["x_hat"]))),
-                             ("mse", float(mse_of(captured["x"], captured["x_hat"]))),
-                             ("l0", float(captured["l0"]))):
-                s[key] = s.get(key, 0.0) + val * ids.shape[0]
-    for name, s in sums.items():
-        r = results[name]
-        r.update({k: round(v / n_seqs, 6) for k, v in s.items()})
-        r["ce_loss_recovered"] = round(ce_loss_recovered(r["ce_clean"], r["ce_spliced"], r["ce_zero"]), 6)
-        r["n_eval_tokens"] = int(ids_all.numel())
+    evaluated, _ = core_eval(model, [(t.name, source.hps[hook], t.sae) for hook, t in trainers], ids_all,
+                             batch_seqs, special_ids(getattr(source, "tok", None)))
+    for name, r in evaluated.items():
+        results[name].update(r)
+        results[name].update({"n_eval_tokens": int(ids_all.numel()), "batch_seqs": batch_seqs,
+                              "definition": SAEBENCH_SOURCE})
     return results

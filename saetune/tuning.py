@@ -43,11 +43,11 @@ from .distributed import Dist, fault_step, launched_world_size, start_run
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_write_json, atomic_write_text
 from .metrics import fvu as fvu_of
-from .models import HookPoint, StopForward, decoder_layers, first_tensor, load_model, model_width, resolve_hook
+from .models import (LORA_TARGETS, HookPoint, StopForward, decoder_layers, first_tensor, load_model, model_width,
+                     resolve_device, resolve_hook)
 from .runs import Checkpoint, Checkpoints, RunDir, record_path
 
 STAGE = "tune"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -487,7 +487,6 @@ def tune(cfg: TuneConfig, out: str | Path | None = None, resume: bool = False, o
     configured); rank 0 writes the run dir, and ``out`` must be given.
     """
     from dataclasses import replace
-    from .activations import resolve_device
     batch_size = per_process_batch(cfg, launched_world_size())  # refused before the run dir is touched
     if resume and out is not None:
         check_resume_global_batch(out, replace(cfg, batch_size=batch_size), launched_world_size())
