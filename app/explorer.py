@@ -48,3 +48,24 @@ if d is not None:
                 ui.html(sxh.token_highlight_html(res["tokens"], res["acts"][:, f], value_name=f"feature {f}"))
             st.dataframe(top, hide_index=True)
             st.dataframe(res["table"], hide_index=True)
+
+        with st.expander("continue it, steering latents at every generated token"):
+            st.caption("clamp sets a latent to a value (0 ablates it), add puts α·W_dec[f] in; the schedule says "
+                       "where: always, think (inside <think>…</think>), from:N, tokens:N[@S], joined with +")
+            clamps = st.text_input("clamp FEATURE=VALUE, comma-separated", "", key="steer_clamp")
+            adds = st.text_input("add FEATURE=ALPHA, comma-separated", "", key="steer_add")
+            where = st.text_input("schedule", "always", key="steer_schedule")
+            if st.button("generate", key="steer_run"):
+                from saetune.analysis.live import steered_continuation
+                from saetune.steering import Schedule, add, clamp, parse_steer
+                with ui.guard("the steered generation"), st.spinner("generating …"):
+                    m, tok, sae = ui.model_and_sae(model_path, sae_path)
+                    items = lambda s: [x for x in s.split(",") if x.strip()]  # noqa: E731
+                    edits = ([clamp(f, v) for f, v in parse_steer(items(clamps)).items()]
+                             + [add(f, a) for f, a in parse_steer(items(adds)).items()])
+                    st.session_state["steer_result"] = steered_continuation(
+                        m, tok, sae, hook, text, edits=edits, schedule=Schedule.parse(where), max_new_tokens=32)
+            steered = st.session_state.get("steer_result")
+            if steered is not None:
+                st.code(steered["response"], language=None)
+                st.dataframe(steered["table"], hide_index=True)

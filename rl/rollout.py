@@ -24,7 +24,7 @@ state is untouched and the same seed gives the same samples (same hardware, same
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -281,9 +281,7 @@ class _Sampler:
         self.stop_ids = _stop_ids(model, tokenizer, params)
         self.limit = params.context_size or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.stop_strings = tuple(params.stop_strings) + ((tool.stop_string(),) if tool is not None else ())
-        self.run_params = SampleParams(params.temperature, params.top_p, params.max_new_tokens,
-                                       params.stop_token_ids, self.stop_strings, params.context_size,
-                                       params.max_tool_calls)
+        self.run_params = replace(params, stop_strings=self.stop_strings)  # the tool's stop string added
         n = len(prompts)
         self.responses: list[list[int]] = [[] for _ in range(n)]
         self.pmask: list[list[int]] = [[] for _ in range(n)]

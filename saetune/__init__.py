@@ -15,6 +15,7 @@ _LAZY = {
     "SAE": ("saetune.sae", "SAE"),
     "SAEConfig": ("saetune.sae", "SAEConfig"),
     "train_sae": ("saetune.sae_trainer", "train_sae"),
+    "fit_sae": ("saetune.fit", "fit_sae"),
     "TrainSAEConfig": ("saetune.sae_trainer", "TrainSAEConfig"),
     "ActivationStore": ("saetune.activations", "ActivationStore"),
     "cache": ("saetune.activations", "cache"),

@@ -17,17 +17,18 @@ import contextlib
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from .config import opt
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_write_text, sha256_dir
 from .runs import RunDir, record_path, resolve_recorded
+from .steering import (SAERecorder, Schedule, as_edits, intervene, parse_steer,  # noqa: F401 (re-exported)
+                       steer_activation)
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -166,7 +167,8 @@ class AttachConfig:
     adapter: str = opt("", "peft adapter dir or `saetune tune` run dir, trained on another model of the same shapes")
     merge: bool = opt(True, "also merge the adapter and save merged/ (a plain HF model dir)")
     dtype: str = opt("float32", "dtype of the model")
-    sae: str = opt("", "instead of an adapter: an SAE (dir or train-sae run dir) hooked in while generating")
+    sae: str = opt("", "instead of an adapter: an SAE (dir, train-sae run dir, or a pretrained release name, see "
+                       "saetune.releases) hooked in while generating")
     sae_hook: str = opt("", "which SAE of a multi-hook dir, and where it hooks (default: its own hook name)")
     prompts: list[str] = opt(None, "prompts to generate from with the SAE attached", factory=list)
     max_new_tokens: int = opt(64, "tokens to generate per prompt (capped, with a warning, where prompt + response "
@@ -175,6 +177,11 @@ class AttachConfig:
                                                                 "activation by the reconstruction, or steer")
     steer: list[str] = opt(None, "steering as FEATURE=VALUE (clamp the feature's activation to VALUE)",
                            factory=list)
+    add: list[str] = opt(None, "steering as FEATURE=ALPHA (add ALPHA times the feature's decoder direction)",
+                         factory=list)
+    schedule: str = opt("always", "where steering applies: always (prompt and every generated token), think "
+                                  "(inside <think> … </think>), from:N (generated tokens N, N+1, …), tokens:N[@S] "
+                                  "(N generated tokens from S); join with '+', e.g. think+tokens:200")
     top_features: int = opt(8, "features recorded per token (largest activations)")
 
     def __post_init__(self):
@@ -182,6 +189,14 @@ class AttachConfig:
             raise SaetuneError("attach needs exactly one of adapter (transplant an adapter) or sae (hook an SAE)")
         if self.sae and not self.prompts:
             raise SaetuneError("attaching an SAE needs prompts to generate from (prompts)")
+        Schedule.parse(self.schedule)  # a bad schedule is named before any run dir is made
+        as_edits(self.edits())
+
+    def edits(self) -> list:
+        """The steer (clamp) and add items as :class:`saetune.steering.LatentEdit` values."""
+        from .steering import add, clamp
+        return ([clamp(f, v) for f, v in parse_steer(self.steer).items()]
+                + [add(f, a) for f, a in parse_steer(self.add).items()])
 
 
 def merge(cfg: MergeConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
@@ -257,89 +272,22 @@ def _attach_adapter(cfg: AttachConfig, run: RunDir) -> dict:
     return result
 
 
-# ---- an SAE as an inference hook ------------------------------------------------------------
+# ---- an SAE as an inference hook (the machinery lives in saetune.steering) ------------------------------------
 
-def parse_steer(items: list[str]) -> dict[int, float]:
-    """``["12=4.0", "7=0"]`` → {12: 4.0, 7: 0.0}; a malformed item is named."""
-    out = {}
-    for it in items:
-        m = re.fullmatch(r"\s*(\d+)\s*=\s*([-+0-9.eE]+)\s*", it)
-        if not m:
-            raise SaetuneError(f"steer item {it!r} is not FEATURE=VALUE (e.g. 123=4.5)")
-        out[int(m.group(1))] = float(m.group(2))
-    return out
-
-
-def steer_activation(x: torch.Tensor, acts: torch.Tensor, W_dec: torch.Tensor, clamp: dict[int, float]) -> torch.Tensor:
-    """x + Σ_f (v_f − a_f(x)) · W_dec[f]: each chosen feature's contribution moved to the value v_f."""
-    if not clamp:
-        return x
-    idx = torch.tensor(list(clamp), device=x.device)
-    target = torch.tensor(list(clamp.values()), device=x.device, dtype=acts.dtype)
-    delta = target - acts[..., idx]  # (..., F)
-    return x + (delta.to(W_dec.dtype) @ W_dec[idx]).to(x.dtype)
-
-
-@dataclass
-class SAERecorder:
-    """What :func:`attach_sae` saw: per forward call, the feature activations (…, T, d_sae) as top-k."""
-
-    top_k: int
-    values: list[torch.Tensor] = field(default_factory=list)
-    indices: list[torch.Tensor] = field(default_factory=list)
-
-    def add(self, acts: torch.Tensor) -> None:
-        v, i = acts.topk(min(self.top_k, acts.shape[-1]), dim=-1)
-        self.values.append(v.detach().float().cpu())
-        self.indices.append(i.detach().cpu())
-
-    def per_position(self, row: int = 0) -> list[list[tuple[int, float]]]:
-        """For one batch row, the recorded positions in order, each as [(feature, activation), …] (active only)."""
-        out = []
-        for v, i in zip(self.values, self.indices):
-            v2, i2 = v.reshape(-1, *v.shape[-2:])[row], i.reshape(-1, *i.shape[-2:])[row]
-            for t in range(v2.shape[0]):
-                out.append([(int(a), round(float(b), 4)) for a, b in zip(i2[t], v2[t]) if b > 0])
-        return out
-
-
-@contextlib.contextmanager
 def attach_sae(model: nn.Module, sae, hook: str | None = None, mode: str = "record",
-               steer: dict[int, float] | None = None, top_k: int = 8) -> Iterator[SAERecorder]:
+               steer: dict[int, float] | None = None, top_k: int = 8,
+               schedule: Schedule | None = None) -> contextlib.AbstractContextManager[SAERecorder]:
     """Hook ``sae`` into ``model`` at ``hook`` (default: the SAE's hook name) while the block runs.
 
     ``record``: the activation passes unchanged, features are recorded; ``replace``: the activation
-    becomes x̂ = SAE(x); ``steer``: x + Σ_f (v_f − a_f)·W_dec[f] for the features in ``steer``.
-    Works with generation (each decoding step records its new positions).
+    becomes x̂ = SAE(x); ``steer``: x + Σ_f (v_f − a_f)·W_dec[f] for the features in ``steer`` (a
+    ``{feature: value}`` dict of clamps, or :func:`saetune.steering.clamp` / ``add`` edits). Every position by
+    default; ``schedule`` limits it (:class:`saetune.steering.Schedule`). Works with generation and the KV cache
+    (each decoding step records its new positions): :func:`saetune.steering.intervene` does the work.
     """
-    from .models import model_width, replace_activation, resolve_hook
-    if mode not in ("record", "replace", "steer"):
-        raise SaetuneError(f"unknown SAE attach mode {mode!r}; valid: record, replace, steer")
     if mode == "steer" and not steer:
         raise SaetuneError("mode 'steer' needs features to steer (steer={feature: value})")
-    for f in (steer or {}):
-        if not 0 <= f < sae.d_sae:
-            raise SaetuneError(f"steer feature {f} is out of range for an SAE with {sae.d_sae} latents (0…{sae.d_sae - 1})")
-    hp = resolve_hook(model, hook or sae.cfg.hook_name)
-    width = model_width(model, hp)
-    if sae.d_in != width:
-        raise SaetuneError(f"SAE width d_in={sae.d_in} does not match the model's width {width} at {hp.name}")
-    rec = SAERecorder(top_k)
-    dtype = next(sae.parameters()).dtype
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            xs = x.to(dtype)
-            acts = sae.encode(xs)
-            rec.add(acts)
-            if mode == "record":
-                return x
-            if mode == "replace":
-                return sae.decode(acts).to(x.dtype)
-            return steer_activation(x, acts, sae.W_dec, steer or {})
-
-    with replace_activation(model, hp, fn):
-        yield rec
+    return intervene(model, sae, hook, steer if mode == "steer" else None, schedule, mode, top_k)
 
 
 def context_budget(prompts: list[str], lengths: list[int], max_new_tokens: int,
@@ -363,6 +311,7 @@ def context_budget(prompts: list[str], lengths: list[int], max_new_tokens: int,
 
 
 def _attach_sae_run(cfg: AttachConfig, run: RunDir) -> dict:
+    from . import steering
     from .io import atomic_write_text as _write
     from .models import load_model
     from .sae import SAE
@@ -372,19 +321,20 @@ def _attach_sae_run(cfg: AttachConfig, run: RunDir) -> dict:
     encoded = [tok(prompt, return_tensors="pt", verbose=False).input_ids for prompt in cfg.prompts]
     new_tokens = context_budget(cfg.prompts, [ids.shape[1] for ids in encoded], cfg.max_new_tokens,
                                 getattr(model.config, "max_position_embeddings", None))
+    edits, schedule = cfg.edits(), Schedule.parse(cfg.schedule)
+    if cfg.mode == "steer" and not edits:
+        raise SaetuneError("mode 'steer' needs features to steer (steer FEATURE=VALUE or add FEATURE=ALPHA)")
     rows = []
     with run.phase("generate"):
         for prompt, ids, max_new in zip(cfg.prompts, encoded, new_tokens):
-            ids = ids.to(next(model.parameters()).device)
-            with attach_sae(model, sae, cfg.sae_hook or None, cfg.mode, parse_steer(cfg.steer),
-                            cfg.top_features) as rec, torch.no_grad():
-                gen = model.generate(ids, max_new_tokens=max_new, do_sample=False,
-                                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-            all_ids = gen[0].tolist()
-            feats = rec.per_position(0)
-            rows.append({"prompt": prompt, "response": tok.decode(all_ids[ids.shape[1]:], skip_special_tokens=True),
-                         "tokens": [tok.decode([t]) for t in all_ids[:len(feats)]], "features": feats,
-                         "mode": cfg.mode, "steer": parse_steer(cfg.steer)})
+            row = steering.generate(model, tok, ids[0].tolist(), sae, edits=edits if cfg.mode == "steer" else None,
+                                    schedule=schedule, hook=cfg.sae_hook or None, max_new_tokens=max_new,
+                                    top_k=cfg.top_features, mode=cfg.mode)[0]
+            feats = [[(f, round(a, 4)) for f, a in row.features[p]] for p in range(len(row.ids))]
+            rows.append({"prompt": prompt, "response": tok.decode(row.response_ids, skip_special_tokens=True),
+                         "tokens": [tok.decode([t]) for t in row.ids], "features": feats,
+                         "steered_positions": row.steered, "mode": cfg.mode, "steer": parse_steer(cfg.steer),
+                         "add": parse_steer(cfg.add), "schedule": schedule.to_dict()})
     _write(run.path / "features.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     run.add_artifact("features", "features.jsonl")
     return {"prompts": len(rows), "mode": cfg.mode, "responses": [r["response"] for r in rows]}

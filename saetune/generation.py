@@ -321,7 +321,11 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  dtype: str = "auto", gpu_memory_utilization: float = 0.9, seed: int = 0,
-                 trust_remote_code: bool = False, max_model_len: int | None = None, template: str = "chat"):
+                 trust_remote_code: bool = False, max_model_len: int | None = None, template: str = "chat",
+                 steering: Any = None):
+        if steering is not None:  # see saetune.steering: vLLM has no supported per-token hidden-state hook
+            from .steering import VLLM_STEERING_REFUSAL
+            raise SaetuneError(VLLM_STEERING_REFUSAL)
         _require_vllm()
         if tensor_parallel_size < 1 or data_parallel_size < 1:
             raise SaetuneError(f"tensor_parallel_size={tensor_parallel_size} and data_parallel_size="

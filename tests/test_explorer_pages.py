@@ -60,6 +60,32 @@ def test_home_page_and_try_a_prompt(run, monkeypatch):
     assert f"feature {other}" in htmls(at)[1] and f"feature {first}" not in htmls(at)[1]
 
 
+def test_try_a_prompt_steers_the_continuation_with_the_attach_code(run, monkeypatch):
+    """The explorer's steered continuation is saetune.steering.generate's (the attach verb's code): same text."""
+    from saetune.analysis.live import steered_continuation
+    from saetune.steering import Schedule, clamp
+    at = page("explorer.py", run, monkeypatch)
+    prompt = "User : compute ( 2 + 2 ) * 3 . Assistant : <think>"
+    at.text_area(key="prompt").set_value(prompt)
+    at.text_input(key="steer_clamp").set_value("3=25")
+    at.text_input(key="steer_schedule").set_value("think")
+    at.button(key="steer_run").click().run()
+    assert not at.exception
+    shown = at.code[0].value
+    import saetune.app._common as ui
+    d = __import__("saetune.analysis", fromlist=["discover"]).discover(run)
+    model_path, sae_path, hook, _ = ui.find_sae_and_model(d)
+    m, tok, sae = ui.model_and_sae(model_path, sae_path)
+    want = steered_continuation(m, tok, sae, hook, prompt, edits=[clamp(3, 25.0)], schedule=Schedule.think(),
+                                max_new_tokens=32)
+    plain = steered_continuation(m, tok, sae, hook, prompt, max_new_tokens=32)
+    assert shown == want["response"]
+    assert want["steered"].any()  # the edit acted, and changed what the model did
+    assert want["response"] != plain["response"] or (want["acts"] != plain["acts"]).any()
+    table = at.dataframe[-1].value
+    assert len(table) == len(want["table"])
+
+
 def test_features_page(run, monkeypatch):
     at = page("pages/1_Features.py", run, monkeypatch)
     assert len(at.selectbox(key="hook").options) == 2

@@ -25,14 +25,15 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 
 from .. import config as _config
 from ..config import opt
 from ..errors import SaetuneError
-from ..io import atomic_replace_dir, atomic_write, atomic_write_json
+from ..io import atomic_replace_dir, atomic_write_json
+from ..models import torch_threads  # noqa: F401  (saetune.toy.build.torch_threads, where it was first defined)
 from ..runs import Checkpoints, RunDir, read_manifest
 from . import task
 
@@ -178,17 +179,6 @@ def evaluate_toy(model, tokenizer, n: int, seed: int, batch_size: int = 64) -> f
 
 
 # ---- the build --------------------------------------------------------------------------------
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _save_checkpoint(ckpts: Checkpoints, step: int, tokens: int, model, opt) -> None:
     """Model weights and AdamW state as safetensors + JSON: ``checkpoints/step_NNNNNNN/`` (the newest kept)."""
     ckpts.save(step, {"model": {k: v.clone() for k, v in model.state_dict().items()}}, {"tokens": tokens},
