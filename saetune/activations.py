@@ -36,8 +36,7 @@ from .config import opt
 from .data import DataConfig, load_chunks
 from .errors import SaetuneError
 from .io import atomic_save_safetensors, atomic_write_json, checksum_file
-# resolve_device lives in models.py; sae_trainer, tuning, eval_sae, fit, rl.trainer and analysis.feature_build
-# still import it from here, so `saetune.activations.resolve_device` stays until they move
+# resolve_device lives in models.py; cache() uses it here
 from .models import HookPoint, load_model, parse_dtype, resolve_device, resolve_hook, run_to_hooks
 from .runs import record_path, resolve_recorded
 

@@ -159,7 +159,7 @@ def cmd_verl_train(args) -> None:
 
 
 def cmd_eval_sae(args) -> None:
-    from .eval_sae import eval_sae
+    from .sae_eval import eval_sae
     cfg, out, resume = _resolve(args)
     eval_sae(cfg, out, resume=resume, overwrite=args.overwrite)  # prints the quality table and the run dir
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_cache)
     p = _verb(sub, "train-sae", TrainSAEConfig, "train SAEs on a model's activations (store or on the fly)")
     p.set_defaults(fn=cmd_train_sae)
-    from .eval_sae import EvalSAEConfig
+    from .sae_eval import EvalSAEConfig
     p = _verb(sub, "eval-sae", EvalSAEConfig, "SAEBench's core metrics (ce_loss_score, kl_div_score, explained "
               "variance, L0, alive, density) and one quality table for one or several SAEs on any model")
     p.set_defaults(fn=cmd_eval_sae)

@@ -33,7 +33,7 @@ from .io import atomic_write_json, check_writable_dir
 VERBS: dict[str, tuple[str, str, str]] = {
     "cache": ("saetune.activations", "CacheConfig", "cache"),
     "train-sae": ("saetune.sae_trainer", "TrainSAEConfig", "train_sae"),
-    "eval-sae": ("saetune.eval_sae", "EvalSAEConfig", "eval_sae"),
+    "eval-sae": ("saetune.sae_eval", "EvalSAEConfig", "eval_sae"),
     "tune": ("saetune.tuning", "TuneConfig", "tune"),
     "merge": ("saetune.attach", "MergeConfig", "merge"),
     "attach": ("saetune.attach", "AttachConfig", "attach"),

@@ -39,7 +39,7 @@ Beside them, the names ``train-sae`` has always reported, over the same kept pos
 ``kl_spliced`` = ``kl_div_with_sae``. One definition, two names: no near-duplicate numbers.
 
 Everything here is a pure function of tensors (or the small accumulator :class:`CoreMetrics` over them);
-``saetune.eval_sae`` runs the model and feeds it, for both ``saetune eval-sae`` and ``train-sae``.
+``saetune.sae_eval`` runs the model and feeds it, for both ``saetune eval-sae`` and ``train-sae``.
 """
 
 from __future__ import annotations

@@ -30,12 +30,13 @@ from typing import Any, Iterator, Literal
 
 import torch
 
-from .activations import ActivationStore, prefetch, resolve_device, stream_batches
+from .activations import ActivationStore, prefetch, stream_batches
 from .config import opt
 from .data import DataConfig, load_chunks
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
 from .metrics import l0 as l0_of, total_variance
+from .models import resolve_device
 from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free, load_optimizer, save_optimizer
 from .runs import RunDir, SigtermInterrupts, record_path
 from .sae import ARCHITECTURES, BATCH_TOPK_ARCHS, K_ARCHS, SAE, SAEConfig, check_matryoshka_widths, warn_hook_mismatch
@@ -596,7 +597,7 @@ def evaluate_saes(source: _DataSource, trainers: list[tuple[str, SAETrainer]], c
                   batch_seqs: int = 8) -> dict[str, dict[str, Any]]:
     """Per SAE, with the weights as saved: SAEBench's core metrics on the held-out text and honest liveness.
 
-    The metrics are ``saetune eval-sae``'s, from the same loop (:func:`saetune.eval_sae.core_eval`; definitions
+    The metrics are ``saetune eval-sae``'s, from the same loop (:func:`saetune.sae_eval.core_eval`; definitions
     and the SAEBench version they follow in :mod:`saetune.sae_quality`): ``ce_loss_score`` (= ``ce_loss_recovered``,
     zero-ablation baseline), ``kl_div_score``, explained variance, FVU, L0, ``frac_alive`` (latents that fired at
     least once over the evaluation tokens) and the log10 firing-density histogram, with pad/eos/bos positions
@@ -609,7 +610,7 @@ def evaluate_saes(source: _DataSource, trainers: list[tuple[str, SAETrainer]], c
     not the averaged ones). A store-trained run also gets ``frac_alive_train``: latents firing at least once over
     (up to 2²² of) its training tokens with the saved weights.
     """
-    from .eval_sae import core_eval, fire_counts, special_ids
+    from .sae_eval import core_eval, fire_counts, special_ids
     from .sae_quality import SAEBENCH_SOURCE, density_stats, feature_density
     results = {t.name: {"dead_frac": round(float(t.dead_mask().float().mean()), 6), "d_sae": t.sae.d_sae,
                         "k": t.sae.cfg.k, "hook": hook, "architecture": t.sae.cfg.architecture}

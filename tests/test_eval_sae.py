@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from saetune.errors import SaetuneError
-from saetune.eval_sae import EvalSAEConfig, eval_sae
+from saetune.sae_eval import EvalSAEConfig, eval_sae
 from saetune.sae import SAE, SAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,7 +197,7 @@ def test_which_models_count_as_the_toy(tiny_model_dir):
     """The toy task defines the probed concepts: probing is for the toy and models sharing its tokenizer."""
     from types import SimpleNamespace
     from transformers import AutoTokenizer
-    from saetune.eval_sae import _is_toy
+    from saetune.sae_eval import _is_toy
     assert _is_toy("toy", None) and _is_toy(str(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir))
     assert not _is_toy("gpt2", SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1}))
 

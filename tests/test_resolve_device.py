@@ -1,15 +1,10 @@
-"""`resolve_device`: one implementation in saetune.models, still importable from saetune.activations."""
+"""`resolve_device`: one implementation, in saetune.models."""
 
 import pytest
 import torch
 
 from saetune.errors import SaetuneError
 from saetune.models import default_device, resolve_device
-
-
-def test_one_implementation_two_import_paths():
-    from saetune import activations
-    assert activations.resolve_device is resolve_device  # the stages not yet moved import it from there
 
 
 def test_auto_and_plain_names():

@@ -187,7 +187,7 @@ def _toy_ids(tok, n: int, T: int = 24) -> torch.Tensor:
 
 
 def test_perfect_sae_scores_one_and_zero_sae_scores_zero(toy_base):
-    from saetune.eval_sae import core_eval, special_ids
+    from saetune.sae_eval import core_eval, special_ids
     from saetune.models import resolve_hook
     model, tok = toy_base
     hp = resolve_hook(model, HOOK)
@@ -208,7 +208,7 @@ def test_perfect_sae_scores_one_and_zero_sae_scores_zero(toy_base):
 def test_core_eval_equals_a_brute_force_reference(toy_base):
     """Every SAEBench metric recomputed from scratch: HF's per-token loss, KL in float64, per-token EV with each
     batch's own mean, firing counts over kept tokens; batches of 4 and 2 sequences."""
-    from saetune.eval_sae import core_eval
+    from saetune.sae_eval import core_eval
     from saetune.models import replace_activation, resolve_hook, run_to_hooks
     from saetune.sae import SAE, SAEConfig
     model, tok = toy_base

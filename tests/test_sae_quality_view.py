@@ -29,7 +29,7 @@ def _hist(counts, dead):
 def pipeline(tmp_path_factory) -> Path:
     """A parent dir: a real eval-sae run of two SAEs (toy), a train-sae run with two SAEs whose window could not
     trigger, an old train-sae run without the new metrics, and a tune run (also a results.json: not an SAE's)."""
-    from saetune.eval_sae import EvalSAEConfig, eval_sae
+    from saetune.sae_eval import EvalSAEConfig, eval_sae
     from saetune.sae import SAE, SAEConfig
     root = tmp_path_factory.mktemp("quality") / "pipe"
     for i, d_sae in enumerate((256, 128)):

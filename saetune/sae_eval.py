@@ -320,7 +320,7 @@ def eval_sae(cfg: EvalSAEConfig, out: str | Path | None = None, resume: bool = F
 
     Bad inputs are refused before the run dir is written: a missing or unloadable SAE (e.g. k ≥ d_sae), a hook
     the model lacks, an SAE whose d_in is not the hook's width, data that gives no tokens."""
-    from .activations import resolve_device
+    from .models import resolve_device
     from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text
     from .models import load_model
     from .runs import RunDir, record_path
