@@ -8,7 +8,7 @@
 - Prompts are left-padded for ``generate`` (HF derives position ids from the attention mask).
 - A response is cut after its first stop token (kept, EOS too: stopping is an action the policy
   takes and gets gradient for) or its first stop string (cut after the token that completes it).
-- ``max_new_tokens`` caps the response, and prompt + response never exceeds ``context_size``.
+- ``max_new_tokens`` caps the response, and prompt + response never exceeds ``max_total_tokens``.
 - With a tool (:class:`saetune.rl.tools.Calculator`), a response that ends in a call is
   answered — the answer's tokens are appended with ``policy_mask`` 0 — and generation resumes,
   up to ``max_tool_calls`` calls per response.
@@ -31,30 +31,27 @@ import torch
 from torch import Tensor
 
 from saetune.errors import SaetuneError
+from saetune.generation import SamplingParams, collect_stop_ids, hf_generate
 from saetune.rl.entropy import token_entropy
 
 __all__ = ["Rollout", "SampleParams", "cut_at_stop", "fused_kernel", "sample", "score"]
 
 
 @dataclass(frozen=True)
-class SampleParams:
-    """How to sample. ``temperature == 0`` is greedy (log-probs are then taken at temperature 1)."""
+class SampleParams(SamplingParams):
+    """RL's sampling settings: :class:`saetune.generation.SamplingParams` with RL's defaults (temperature 1, top_p
+    1, 256 new tokens) plus stop strings and the tool-call limit. ``temperature == 0`` is greedy (log-probs are
+    then taken at temperature 1); ``stop_token_ids`` come besides the tokenizer's EOS; ``max_total_tokens`` caps
+    prompt + response (0: the model's max positions)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
     stop_strings: tuple[str, ...] = ()
-    context_size: int | None = None  # prompt + response cap (default: the model's max positions)
     max_tool_calls: int = 4
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise SaetuneError(f"temperature={self.temperature!r}; it must be 0 (greedy) or positive")
-        if not 0 < self.top_p <= 1:
-            raise SaetuneError(f"top_p={self.top_p!r}; it must lie in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise SaetuneError(f"max_new_tokens={self.max_new_tokens!r}; it must be at least 1")
+        super().__post_init__()  # temperature, top_p, max_new_tokens, max_total_tokens
         if self.max_tool_calls < 0:
             raise SaetuneError(f"max_tool_calls={self.max_tool_calls!r}; it must be 0 or more")
         if any(not s for s in self.stop_strings):
@@ -226,41 +223,22 @@ def score_responses(model, prompt_ids: Sequence[Sequence[int]], response_ids: Se
 # ------------------------------------------------------------------------------------------ sampling
 def _generate(model, rows: list[list[int]], params: SampleParams, pad_id: int, stop_ids: list[int],
               max_new: list[int], decode, seed: int) -> list[list[int]]:
-    """One ``generate`` call over left-padded ``rows``; returns the raw new tokens of each row."""
-    from transformers import GenerationConfig, StoppingCriteriaList
+    """One ``generate`` call over left-padded ``rows`` (:func:`saetune.generation.hf_generate`, stop strings
+    checked as it goes); returns the raw new tokens of each row, at most its ``max_new``."""
+    from transformers import StoppingCriteriaList
 
-    device = next(model.parameters()).device
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T) left-padded
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            attention[i, width - len(r):] = 1
-    sampling = params.temperature > 0
-    cfg = GenerationConfig(
-        do_sample=sampling, temperature=params.temperature if sampling else None,
-        top_p=params.top_p if sampling else None, top_k=0 if sampling else None,
-        max_new_tokens=max(max_new), eos_token_id=stop_ids, pad_token_id=pad_id)
     criteria = StoppingCriteriaList([_StopStrings(params.stop_strings, decode, width)]) if params.stop_strings else None
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             generation_config=cfg, stopping_criteria=criteria)  # (B, T + new)
-    return [row[:m] for row, m in zip(gen[:, width:].tolist(), max_new)]
+    new = hf_generate(model, rows, params, pad_id, stop_ids, seed, max_new_tokens=max(max_new),
+                      stopping_criteria=criteria)  # (B, new)
+    return [row[:m] for row, m in zip(new, max_new)]
 
 
 def _stop_ids(model, tokenizer, params: SampleParams) -> list[int]:
     """Token ids that end a response: the model's generation EOS, the tokenizer's, then ``params.stop_token_ids``
-    (first occurrence order, no repeats)."""
+    (first occurrence order, no repeats; :func:`saetune.generation.collect_stop_ids`)."""
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop_ids: list[int] = []
-    for src in (gen_eos, tokenizer.eos_token_id, *params.stop_token_ids):
-        for i in (src if isinstance(src, (list, tuple)) else [src]):
-            if i is not None and int(i) not in stop_ids:
-                stop_ids.append(int(i))
-    return stop_ids
+    return collect_stop_ids(tokenizer, gen_eos, params.stop_token_ids)
 
 
 def _pad_id(tokenizer) -> int:
@@ -279,7 +257,8 @@ class _Sampler:
         self.model, self.tokenizer, self.prompts, self.params, self.tool = model, tokenizer, prompts, params, tool
         self.pad_id = _pad_id(tokenizer)
         self.stop_ids = _stop_ids(model, tokenizer, params)
-        self.limit = params.context_size or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.limit = params.max_total_tokens or max_positions
         self.stop_strings = tuple(params.stop_strings) + ((tool.stop_string(),) if tool is not None else ())
         self.run_params = replace(params, stop_strings=self.stop_strings)  # the tool's stop string added
         n = len(prompts)

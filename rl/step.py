@@ -95,7 +95,7 @@ class Sample:
 
 def _params(cfg: RLConfig, max_new: int, stop_ids: tuple[int, ...], greedy: bool = False) -> SampleParams:
     return SampleParams(temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new,
-                        stop_token_ids=stop_ids, context_size=cfg.context_size, max_tool_calls=cfg.max_tool_calls)
+                        stop_token_ids=stop_ids, max_total_tokens=cfg.context_size, max_tool_calls=cfg.max_tool_calls)
 
 
 def _samples(ro, problems, groups, contexts=None) -> list[Sample]:

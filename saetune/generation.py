@@ -120,7 +120,9 @@ def check_prompt_fits(which: str, n_tokens: int, max_positions: int) -> None:
                            f"{max_positions} tokens")
 
 
-def _stop_ids(tokenizer, model_eos: Any, extra: Sequence[int]) -> list[int]:
+def collect_stop_ids(tokenizer, model_eos: Any, extra: Sequence[int]) -> list[int]:
+    """Token ids that end a response: ``model_eos`` (the model's generation-config EOS, an id or a list), the
+    tokenizer's EOS, then ``extra``, in first-occurrence order without repeats."""
     ids: list[int] = []
     for src in (model_eos, tokenizer.eos_token_id, *extra):
         for i in (src if isinstance(src, (list, tuple)) else [src]):
@@ -149,6 +151,59 @@ def cut_response(token_ids: Sequence[int], stop_ids: Sequence[int], drop_ids: Se
 # --------------------------------------------------------------------------------------------
 # Hugging Face generate
 # --------------------------------------------------------------------------------------------
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention)`` long [B, T_max] for a ``generate`` batch: each row at the right, ``pad_id`` (attention 0)
+    before it (HF derives position ids from the attention mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r))
+            attention[i, width - len(r):] = 1
+    return ids, attention
+
+
+def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
+                stop_ids: Sequence[int], seed: int | None = None, max_new_tokens: int | None = None,
+                stopping_criteria: Any = None) -> list[list[int]]:
+    """One HF ``model.generate`` call over ``prompt_ids`` as a left-padded batch; each row's new tokens.
+
+    The one HF generation path (evaluation's :class:`HFBackend`, RL's rollouts, the toy's evaluation):
+
+    - rows are left-padded with ``pad_id`` under an attention mask (HF derives position ids from the mask);
+    - ``params.temperature == 0`` is greedy; otherwise sampling at ``temperature`` and ``top_p`` with no top-k cut
+      (``top_k=0``: HF's default would be 50; Resa's vLLM sampling has none);
+    - ``stop_ids`` end a row (HF's ``eos_token_id``); ``max_new_tokens`` (default ``params.max_new_tokens``) caps
+      every row; ``stopping_criteria`` (a ``StoppingCriteriaList``) is handed to ``generate`` as is;
+      ``params.max_total_tokens`` is the caller's to apply (through ``max_new_tokens``);
+    - ``seed``: ``torch.manual_seed(seed)`` inside a forked RNG, so the caller's random state is untouched and a
+      seed gives the same samples (same hardware, same threads); ``None`` leaves the RNG alone (greedy draws none).
+
+    Returns the new tokens as ``generate`` gives them: one length for the whole batch, a row that stopped early
+    filled with ``pad_id``; callers cut each row at its stop (:func:`cut_response`,
+    ``saetune.rl.rollout.cut_at_stop``).
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    input_ids, attention = left_pad(prompt_ids, pad_id)  # (B, T)
+    width = input_ids.shape[1]
+    sampling = params.temperature > 0
+    cfg = GenerationConfig(
+        do_sample=sampling, temperature=params.temperature if sampling else None,
+        top_p=params.top_p if sampling else None, top_k=0 if sampling else None,
+        max_new_tokens=params.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        eos_token_id=list(stop_ids), pad_token_id=pad_id)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # the caller's random state is untouched
+        if seed is not None:
+            torch.manual_seed(seed)
+        gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             generation_config=cfg, stopping_criteria=stopping_criteria)  # (B, T + new)
+    return gen[:, width:].tolist()
+
 
 class HFBackend:
     """Batched ``model.generate`` with left padding; ``batch_size`` sequences per call.
@@ -183,17 +238,9 @@ class HFBackend:
         return out
 
     def _batch(self, prompts: list[str], params: SamplingParams, seed: int, start: int = 0) -> list[Completion]:
-        from transformers import GenerationConfig
-
         ids = [encode_prompt(self.tokenizer, p, self.template) for p in prompts]
         width = max(len(x) for x in ids)
         longest = start + max(range(len(ids)), key=lambda r: len(ids[r]))
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, x in enumerate(ids):
-            if x:
-                input_ids[r, width - len(x):] = torch.tensor(x)
-                attention[r, width - len(x):] = 1
         max_new = params.max_new_tokens
         if self.max_positions:
             room = int(self.max_positions) - width
@@ -207,20 +254,9 @@ class HFBackend:
         if params.max_total_tokens:  # the batch's longest prompt decides (left padding: one width per batch)
             check_prompt_fits(f"prompt {longest}", width, params.max_total_tokens)
             max_new = min(max_new, params.max_total_tokens - width)
-        gen_cfg = self.model.generation_config
-        stop = _stop_ids(self.tokenizer, getattr(gen_cfg, "eos_token_id", None), params.stop_token_ids)
-        sampling = params.temperature > 0
-        # top_k=0: no top-k cut (HF's default would be 50; Resa's vLLM sampling has none)
-        cfg = GenerationConfig(
-            do_sample=sampling, temperature=params.temperature if sampling else None,
-            top_p=params.top_p if sampling else None, top_k=0 if sampling else None,
-            max_new_tokens=max_new, eos_token_id=stop, pad_token_id=self.pad_id)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # the caller's random state is untouched
-            torch.manual_seed(seed)
-            gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                      generation_config=cfg)  # (B, T + new)
-        new = gen[:, width:].tolist()
+        stop = collect_stop_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None),
+                         params.stop_token_ids)
+        new = hf_generate(self.model, ids, params, self.pad_id, stop, seed, max_new)  # (B, new)
         drop = {i for i in (self.tokenizer.eos_token_id, self.pad_id) if i is not None}
         out = []
         for row in new:
@@ -274,7 +310,7 @@ class _VLLMEngine:
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int],
                  use_tqdm: bool = False) -> list[Completion]:
-        stop = _stop_ids(self.tokenizer, None, params.stop_token_ids)
+        stop = collect_stop_ids(self.tokenizer, None, params.stop_token_ids)
         drop = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
         # token ids, not strings: vLLM would add a second BOS to a chat-templated prompt
         requests = [{"prompt_token_ids": encode_prompt(self.tokenizer, p, self.template)} for p in prompts]

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .errors import SaetuneError
+from .generation import left_pad
 
 MODES = ("record", "replace", "steer")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -561,11 +562,7 @@ def generate(model: nn.Module, tokenizer, prompts: str | Sequence[str] | Sequenc
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise SaetuneError("the tokenizer has neither a pad nor an EOS token; generation needs one")
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)  # (B, P) left-padded
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    for r, e in enumerate(encoded):
-        input_ids[r, width - len(e):] = torch.tensor(e)
-        attention[r, width - len(e):] = 1
+    input_ids, attention = left_pad(encoded, pad_id)  # (B, P)
     input_ids, attention = input_ids.to(device), attention.to(device)
     generate_kwargs.setdefault("do_sample", False)
     stop = _stop_ids(model, tokenizer)

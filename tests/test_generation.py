@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from saetune.errors import SaetuneError
-from saetune.generation import (Completion, HFBackend, SamplingParams, VLLMBackend, cut_response, encode_prompt,
-                                render_prompt)
+from saetune.generation import (Completion, HFBackend, SamplingParams, VLLMBackend, collect_stop_ids, cut_response,
+                                encode_prompt, hf_generate, left_pad, render_prompt)
 from saetune.toy import task
 from saetune.toy.build import generate_responses, generation_stop_ids
 
@@ -27,6 +27,34 @@ def test_cut_response():
     assert cut_response([7, 8, 5, 0, 0], stop_ids=[0, 5], drop_ids=[0], hit_cap=True) == ([7, 8, 5], 3, False)
     assert cut_response([7, 8, 0, 0], stop_ids=[0, 5], drop_ids=[0], hit_cap=True) == ([7, 8], 3, False)
     assert cut_response([7, 8, 9], stop_ids=[0], drop_ids=[0], hit_cap=True) == ([7, 8, 9], 3, True)
+
+
+def test_left_pad_and_stop_ids_by_hand():
+    ids, attn = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]] and ids.dtype == torch.long
+    assert attn.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    tok = type("Tok", (), {"eos_token_id": 3})()
+    assert collect_stop_ids(tok, [2, 3], (9, 2, 4)) == [2, 3, 9, 4]  # model EOS, tokenizer EOS, extras; no repeats
+    assert collect_stop_ids(tok, None, ()) == [3]
+
+
+def test_hf_generate_seeds_in_a_forked_rng(toy_base, one_thread):
+    """The same seed gives the same samples, the caller's random state is untouched, and greedy rows equal an
+    unbatched argmax (rows come back padded to one length)."""
+    model, tok = toy_base
+    prompts = [tok(e["prompt"], add_special_tokens=False)["input_ids"] for e in task.examples(3, 4)]
+    stop = generation_stop_ids(tok)
+    hot = SamplingParams(temperature=1.5, top_p=1.0, max_new_tokens=12)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = hf_generate(model, prompts, hot, tok.pad_token_id, stop, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == hf_generate(model, prompts, hot, tok.pad_token_id, stop, seed=7)
+    assert len({len(r) for r in a}) == 1 and len(a[0]) <= 12
+    greedy = hf_generate(model, prompts, SamplingParams(temperature=0, max_new_tokens=8), tok.pad_token_id, stop)
+    for e, row in zip(task.examples(3, 4), greedy):  # an unpadded token-by-token argmax, cut like the helper's rows
+        ref = _greedy_reference(model, tok, e["prompt"], set(stop), 8)
+        assert row[:len(ref)] == ref and all(t == tok.pad_token_id for t in row[len(ref):])
 
 
 def test_sampling_params_checked():

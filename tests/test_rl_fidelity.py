@@ -308,7 +308,7 @@ def test_cure_branch_prompt_is_cut_to_the_window_and_keeps_the_response_budget(m
     branch_prompts, params = calls[1]
     assert all(len(p) <= 16 for p in branch_prompts) and max(len(p) for p in branch_prompts) == 16
     # the continuation keeps the full response budget: max new tokens, with room in the context
-    assert params.max_new_tokens == ctx.max_new == 48 and params.context_size - 16 >= 48
+    assert params.max_new_tokens == ctx.max_new == 48 and params.max_total_tokens - 16 >= 48
     origs = {(s.group, s.source): s for s in smp if not s.is_branch}
     cut = 0
     for b in (s for s in smp if s.is_branch):

@@ -100,6 +100,17 @@ def test_cut_at_stop_tokens_and_strings():
         R.SampleParams(stop_strings=("",))
 
 
+def test_sample_params_are_sampling_params_with_rl_defaults():
+    from saetune.generation import SamplingParams
+    p = R.SampleParams()
+    assert isinstance(p, SamplingParams)
+    assert (p.temperature, p.top_p, p.max_new_tokens, p.max_total_tokens, p.max_tool_calls) == (1.0, 1.0, 256, 0, 4)
+    for bad, what in [(dict(top_p=0), "top_p"), (dict(max_total_tokens=-1), "max_total_tokens"),
+                      (dict(max_tool_calls=-1), "max_tool_calls")]:
+        with pytest.raises(SaetuneError, match=what):
+            R.SampleParams(**bad)
+
+
 # ---------------------------------------------------------------------------------------- on the toy
 @pytest.fixture(scope="module")
 def toy():
@@ -138,11 +149,11 @@ def test_sampling_is_seeded_and_capped(toy):
     a, b = R.sample(model, tok, ids, p, seed=3), R.sample(model, tok, ids, p, seed=3)
     assert a.response_ids == b.response_ids
     assert all(len(r) <= 5 for r in a.response_ids) and all(a.truncated)
-    # the context cap: prompt + response ≤ context_size
-    p = R.SampleParams(temperature=1.0, max_new_tokens=40, stop_token_ids=_stops(tok), context_size=len(ids[0]) + 3)
+    # the context cap: prompt + response ≤ max_total_tokens
+    p = R.SampleParams(temperature=1.0, max_new_tokens=40, stop_token_ids=_stops(tok), max_total_tokens=len(ids[0]) + 3)
     c = R.sample(model, tok, [ids[0]], p, seed=1)
     assert len(c.response_ids[0]) <= 3 and c.truncated[0]
-    p = R.SampleParams(context_size=len(ids[0]))
+    p = R.SampleParams(max_total_tokens=len(ids[0]))
     with pytest.raises(SaetuneError, match="room"):
         R.sample(model, tok, [ids[0]], p, seed=1)
 

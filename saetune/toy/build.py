@@ -32,6 +32,7 @@ import torch
 from .. import config as _config
 from ..config import opt
 from ..errors import SaetuneError
+from ..generation import SamplingParams, hf_generate
 from ..io import atomic_replace_dir, atomic_write_json
 from ..models import torch_threads  # noqa: F401  (saetune.toy.build.torch_threads, where it was first defined)
 from ..runs import Checkpoints, RunDir, read_manifest
@@ -154,17 +155,14 @@ def max_new_tokens() -> int:
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], batch_size: int = 64) -> list[str]:
     """Greedy responses (special tokens kept) to ``prompts``, left-padded in batches."""
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens())
     was_training = model.training
     model.eval()
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                            padding_side="left", add_special_tokens=False)
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens(),
-                                 eos_token_id=generation_stop_ids(tokenizer),
-                                 pad_token_id=tokenizer.pad_token_id)  # (B, T + new)
-            new = gen[:, enc["input_ids"].shape[1]:]
+            ids = tokenizer(prompts[i:i + batch_size], add_special_tokens=False)["input_ids"]
+            new = hf_generate(model, ids, greedy, tokenizer.pad_token_id, generation_stop_ids(tokenizer))  # (B, new)
             out += tokenizer.batch_decode(new, skip_special_tokens=False)
     finally:
         model.train(was_training)
