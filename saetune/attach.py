@@ -76,13 +76,10 @@ def attach(cfg: AttachConfig, out: str | Path | None = None, resume: bool = Fals
     """Transplant an adapter onto ``cfg.model`` (``adapter/`` and ``merged/``), or generate with an SAE hooked in
     (``features.jsonl``: per generated token, its top features)."""
     run = RunDir.open(out, "attach", cfg, resume=resume, overwrite=overwrite)
-    try:
+    with run:  # a failure, Ctrl-C or SIGTERM is recorded in the run dir
         result = _attach_adapter(cfg, run) if cfg.adapter else _attach_sae_run(cfg, run)
         run.finish(result=result)
         return result
-    except BaseException as e:
-        run.fail_with(e)
-        raise
 
 
 def _attach_adapter(cfg: AttachConfig, run: RunDir) -> dict:

@@ -172,7 +172,7 @@ def merge(cfg: MergeConfig, out: str | Path | None = None, resume: bool = False,
         raise SaetuneError(f"the adapter in {str(adapter_dir)!r} was trained on {recorded!r}, which cannot be "
                            f"loaded: {e}; pass model (the base model's dir)") from None
     run = RunDir.open(out, "merge", cfg, resume=resume, overwrite=overwrite, inputs=(base,))
-    try:
+    with run:  # a failure, Ctrl-C or SIGTERM is recorded in the run dir
         run.add_input("adapter", adapter_dir)
         with run.phase("merge"):
             card = merge_adapter(base, adapter_dir, run.path / "merged", cfg.dtype,
@@ -180,6 +180,3 @@ def merge(cfg: MergeConfig, out: str | Path | None = None, resume: bool = False,
         card["merged_sha256"] = run.add_artifact("merged", "merged")
         run.finish(model_card=card)
         return card
-    except BaseException as e:
-        run.fail_with(e)
-        raise
