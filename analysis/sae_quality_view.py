@@ -105,3 +105,26 @@ def liveness_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
         if parts:
             out.append(f"{r['label']}: " + "; ".join(parts) + ".")
     return out
+
+
+CONCEPTS_FILE = "concepts.csv"
+
+
+def concept_frame(d: Discovery | str | Path) -> pd.DataFrame | None:
+    """Which latents carry which toy concept: every eval-sae run's ``concepts.csv`` (one row per SAE × concept ×
+    rank: ``sae``, ``concept``, ``rank``, ``latent``, ``mean_diff``, ``sae_acc``, ``k1_acc``, from
+    :func:`saetune.probing.concept_latents`), concatenated, or None when no run in ``d`` probed."""
+    d = d if isinstance(d, Discovery) else discover(d)
+    frames = []
+    for r in d.runs:
+        path = r.path / CONCEPTS_FILE
+        if r.stage != "eval-sae" or not path.is_file():
+            continue
+        try:
+            df = pd.read_csv(path)
+        except (OSError, ValueError, pd.errors.ParserError):
+            continue  # half-written or foreign: the quality table above still shows the scalars
+        if d.kind == "pipeline" and "sae" in df:
+            df["sae"] = r.name + ": " + df["sae"].astype(str)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else None

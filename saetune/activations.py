@@ -387,7 +387,7 @@ def cache(cfg: CacheConfig, out: str | Path | None = None, resume: bool = False,
     from .runs import RunDir
     device = resolve_device(cfg.device)
     run = RunDir.open(out, "cache", cfg, resume=resume, overwrite=overwrite, seed=cfg.data_seed, device=device)
-    try:
+    with run:  # records a failure, Ctrl-C or SIGTERM (RunDir.fail_with)
         with run.phase("load"):
             model, tok = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
             hooks = [resolve_hook(model, h) for h in cfg.hooks]
@@ -414,9 +414,6 @@ def cache(cfg: CacheConfig, out: str | Path | None = None, resume: bool = False,
         run.manifest["artifacts"]["activations"] = {"path": "activations", "n_tokens": store.n_tokens}
         run.finish(summary=summary)
         return summary
-    except BaseException as e:
-        run.fail_with(e)
-        raise
 
 
 def stream_batches(model, chunks: torch.Tensor, hooks: list[HookPoint], seqs_per_batch: int,

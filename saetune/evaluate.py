@@ -448,20 +448,15 @@ def run(cfg: EvalConfig, out: str | Path | None = None, *, resume: bool = False,
     own_backend = backend is None
     grader = Grader(cfg.grade_workers, cfg.grade_timeout_s)
     try:
-        with run_dir.phase("load"):
-            if own_backend:
-                backend = _build_backend(cfg, where, device, batch, preset["max_total_tokens"] or 0)
-            benches = _load_benchmarks(cfg, cfg.model == "toy" or _is_toy_tokenizer(backend.tokenizer))
-        _record_eval_inputs(run_dir, where, benches, own_backend)
-        results = _eval_benchmarks(cfg, benches, backend, run_dir, batch, grader, preset, resume=resume)
-        _finish_eval(run_dir, results)
-        return results
-    except KeyboardInterrupt:
-        run_dir.fail("interrupted")
-        raise
-    except BaseException as e:
-        run_dir.fail(str(e) or type(e).__name__)
-        raise
+        with run_dir:  # records a failure, Ctrl-C or SIGTERM (RunDir.fail_with)
+            with run_dir.phase("load"):
+                if own_backend:
+                    backend = _build_backend(cfg, where, device, batch, preset["max_total_tokens"] or 0)
+                benches = _load_benchmarks(cfg, cfg.model == "toy" or _is_toy_tokenizer(backend.tokenizer))
+            _record_eval_inputs(run_dir, where, benches, own_backend)
+            results = _eval_benchmarks(cfg, benches, backend, run_dir, batch, grader, preset, resume=resume)
+            _finish_eval(run_dir, results)
+            return results
     finally:
         grader.close()
         if own_backend and backend is not None:

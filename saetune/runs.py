@@ -578,7 +578,7 @@ class Checkpoints:
 
     :meth:`save` writes a whole checkpoint under a temporary name (``.tmp-step_NNNNNNN``), renames it into place,
     then points ``latest.json`` at it (each write atomic), then deletes all but the newest ``keep`` step dirs
-    (``keep`` 0: none). A crash at any point leaves ``latest.json`` naming a complete checkpoint (or no
+    (``keep`` 0 keeps all). A crash at any point leaves ``latest.json`` naming a complete checkpoint (or no
     ``latest.json``). A checkpoint dir holds ``state.json`` (``step`` and the stage's ``meta``), one
     ``<name>.safetensors`` per entry of ``tensors``, ``<name>.safetensors`` + ``<name>.json`` per optimizer, and,
     with ``rng``, the RNG state (:func:`capture_rng`: tensors in ``state.safetensors``, the rest in

@@ -262,8 +262,11 @@ def _is_toy(model_name: str, tok) -> bool:
         return False
 
 
-def _probe_columns(cfg: EvalSAEConfig, model, tok, sae, hook: str, toy: bool) -> dict[str, Any]:
-    """Sparse-probing scalars for one SAE (:func:`saetune.probing.probe_summary`), or {} when off / not the toy."""
+def _probe_columns(cfg: EvalSAEConfig, model, tok, sae, hook: str, toy: bool, label: str = "",
+                   concepts: list | None = None) -> dict[str, Any]:
+    """Sparse-probing scalars for one SAE (:func:`saetune.probing.probe_summary`), or {} when off / not the toy;
+    which latents carry which concept (:func:`saetune.probing.concept_latents`, an ``sae`` column = ``label``)
+    is appended to ``concepts``."""
     if cfg.probe == "off" or (cfg.probe == "auto" and not toy):
         return {}
     if not toy:
@@ -271,6 +274,8 @@ def _probe_columns(cfg: EvalSAEConfig, model, tok, sae, hook: str, toy: bool) ->
                            "sharing its tokenizer; this model's tokenizer is another")
     from . import probing
     df = probing.sparse_probe_scores(sae, model, tok, hook, n_problems=cfg.probe_problems, seed=cfg.seed)
+    if concepts is not None:
+        concepts.append(probing.concept_latents(df).assign(sae=label))
     return dict(probing.probe_summary(df))
 
 
@@ -343,7 +348,7 @@ def eval_sae(cfg: EvalSAEConfig, out: str | Path | None = None, resume: bool = F
         inputs = (model_name, *[s.path for s in specs])
     run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
                       inputs=inputs)
-    try:
+    with run:  # records a failure, Ctrl-C or SIGTERM (RunDir.fail_with)
         if cfg.ground_truth:
             run.add_input("ground_truth", cfg.ground_truth)
         else:
@@ -359,11 +364,12 @@ def eval_sae(cfg: EvalSAEConfig, out: str | Path | None = None, resume: bool = F
                 results, density = core_eval(model, [(s.label, hp, sae) for s, hp, sae in zip(specs, hps, saes)],
                                              chunks, cfg.batch_seqs, special_ids(tok) if cfg.exclude_special else (),
                                              cfg.density_bins, progress=cfg.progress)
+        concepts: list = []  # per SAE: which latents carry which toy concept (the explorer's SAE quality page)
         if not cfg.ground_truth and cfg.probe != "off":
             toy = _is_toy(model_name, tok)
             with run.phase("probe"):
                 for s, hp, sae in zip(specs, hps, saes):
-                    results[s.label].update(_probe_columns(cfg, model, tok, sae, hp.name, toy))
+                    results[s.label].update(_probe_columns(cfg, model, tok, sae, hp.name, toy, s.label, concepts))
         for s, hp, sae in zip(specs, hps, saes):
             where = {"ground_truth": record_path(cfg.ground_truth, run.path)} if cfg.ground_truth else {
                 "hook": hp.name, "model": record_path(model_name, run.path)}
@@ -377,12 +383,15 @@ def eval_sae(cfg: EvalSAEConfig, out: str | Path | None = None, resume: bool = F
         atomic_save_safetensors(run.path / "feature_density.safetensors",
                                 {f"sae{i}": density[s.label].contiguous() for i, s in enumerate(specs)},
                                 metadata={f"sae{i}": s.label for i, s in enumerate(specs)})
-        for name in ("results.json", "quality.md", "quality.csv", "feature_density.safetensors"):
+        written = ["results.json", "quality.md", "quality.csv", "feature_density.safetensors"]
+        if concepts:
+            import pandas as pd
+            frame = pd.concat(concepts, ignore_index=True)
+            atomic_write_text(run.path / "concepts.csv", frame[["sae", *frame.columns.drop("sae")]].to_csv(index=False))
+            written.append("concepts.csv")
+        for name in written:
             run.add_artifact(name, name)
         run.finish(definition=SAEBENCH_SOURCE, n_tokens=n_eval)
-    except BaseException as e:
-        run.fail_with(e)
-        raise
     print(format_quality_table(table))
     print(f"\nrun dir: {run.path}")
     return results

@@ -19,9 +19,7 @@ rank r SIGKILL itself as it starts step n (1-based), as an OOM-killed or crashed
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -34,11 +32,11 @@ from .activations import ActivationStore, prefetch, stream_batches
 from .config import opt
 from .data import DataConfig, load_chunks
 from .errors import SaetuneError
-from .io import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
+from .io import atomic_write_json
 from .metrics import l0 as l0_of, total_variance
 from .models import resolve_device
-from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free, load_optimizer, save_optimizer
-from .runs import RunDir, SigtermInterrupts, record_path
+from .optim import OPTIMIZERS, build_optimizer, default_lr, is_schedule_free
+from .runs import Checkpoints, RunDir, record_path
 from .sae import ARCHITECTURES, BATCH_TOPK_ARCHS, K_ARCHS, SAE, SAEConfig, check_matryoshka_widths, warn_hook_mismatch
 from .sae_losses import (batchtopk_loss, jumprelu_loss, matryoshka_batchtopk_loss, standard_loss, topk_loss,
                          update_batch_topk_threshold_)
@@ -370,142 +368,165 @@ def check_store(cfg: TrainSAEConfig) -> None:
                                "store names it, or pass --eval-seqs 0 to train without that evaluation") from None
 
 
-def _checkpoint_dir(run: RunDir) -> Path:
-    return run.path / "checkpoints"
+def checkpoints(run: RunDir, cfg: TrainSAEConfig) -> Checkpoints:
+    """The run's ``checkpoints/step_NNNNNNN/`` (the newest ``cfg.keep_checkpoints`` kept): :class:`runs.Checkpoints`."""
+    return Checkpoints(run, keep=cfg.keep_checkpoints)
 
 
-def save_checkpoint(run: RunDir, trainers: list[SAETrainer], step: int, tokens: int, keep: int) -> None:
-    """checkpoints/step_NNNNNNN/{<i>.sae,<i>.optim,state}.safetensors + JSON; then latest.json."""
-    root = _checkpoint_dir(run)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state: dict[str, torch.Tensor] = {"torch_rng": torch.get_rng_state()}
-    for j, t in enumerate(trainers):
-        atomic_save_safetensors(tmp / f"{j}.sae.safetensors", t.sae.state_tensors())
-        save_optimizer(t.opt, tmp / f"{j}.optim")
-        state[f"{j}.tokens_since_fired"] = t.tokens_since_fired
-    atomic_save_safetensors(tmp / "state.safetensors", state)
-    atomic_write_json(tmp / "state.json", {"step": step, "tokens": tokens, "saes": [t.name for t in trainers]})
-    atomic_replace_dir(tmp, final)
-    atomic_write_json(root / "latest.json", {"step": step, "dir": final.name})
-    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def save_checkpoint(ckpts: Checkpoints, trainers: list[SAETrainer], step: int, tokens: int) -> None:
+    """checkpoints/step_NNNNNNN/: ``<j>.sae.safetensors`` (SAE j's weights), ``<j>.optim.safetensors`` + ``.json``
+    (its optimiser), ``state.safetensors`` (``<j>.tokens_since_fired`` and the RNG state), ``state.json`` (step,
+    tokens, the SAE names); then latest.json (:meth:`runs.Checkpoints.save`)."""
+    ckpts.save(step, {**{f"{j}.sae": t.sae.state_tensors() for j, t in enumerate(trainers)},
+                      "state": {f"{j}.tokens_since_fired": t.tokens_since_fired for j, t in enumerate(trainers)}},
+               {"tokens": tokens, "saes": [t.name for t in trainers]},
+               optimizers={f"{j}.optim": t.opt for j, t in enumerate(trainers)}, rng=True)
 
 
-def load_checkpoint(run: RunDir, trainers: list[SAETrainer]) -> tuple[int, int]:
+def load_checkpoint(ckpts: Checkpoints, trainers: list[SAETrainer]) -> tuple[int, int]:
     """Restore the latest checkpoint into ``trainers``; returns (step, tokens), (0, 0) if none."""
-    from safetensors.torch import load_file
-    root = _checkpoint_dir(run)
-    latest = root / "latest.json"
-    if not latest.exists():
+    ck = ckpts.load()
+    if ck is None:
         return 0, 0
-    d = root / json.loads(latest.read_text())["dir"]
-    meta = json.loads((d / "state.json").read_text())
-    if meta["saes"] != [t.name for t in trainers]:
-        raise SaetuneError(f"checkpoint {str(d)!r} holds SAEs {meta['saes']}, this run has "
+    if ck.meta["saes"] != [t.name for t in trainers]:
+        raise SaetuneError(f"checkpoint {str(ck.path)!r} holds SAEs {ck.meta['saes']}, this run has "
                            f"{[t.name for t in trainers]}")
-    state = load_file(str(d / "state.safetensors"))
+    state = ck.tensors("state")
     for j, t in enumerate(trainers):
-        t.sae._load_tensors(load_file(str(d / f"{j}.sae.safetensors")))
-        load_optimizer(t.opt, d / f"{j}.optim")
+        t.sae._load_tensors(ck.tensors(f"{j}.sae"))
+        ck.load_optimizer(t.opt, f"{j}.optim")
         t.tokens_since_fired.copy_(state[f"{j}.tokens_since_fired"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(meta["step"]), int(meta["tokens"])
+    ck.restore_rng()
+    return ck.step, int(ck.meta["tokens"])
 
 
-# ---- the run ------------------------------------------------------------------------------
+# ---- the run: prepare → loop → finish ------------------------------------------------------------
+
+@dataclass
+class _TrainRun:
+    """What ``train_sae``'s phases share: the run, the data, the SAEs and where training stands."""
+
+    cfg: TrainSAEConfig
+    dist: Any  # saetune.distributed.Dist
+    run: Any  # RunDir on rank 0, FollowerRun elsewhere
+    source: "_DataSource"
+    trainers: list[tuple[str, SAETrainer]]
+    ckpts: Checkpoints
+    n_steps: int
+    start: int
+    tokens: int
+    train_seconds: float = 0.0
+
 
 def train_sae(cfg: TrainSAEConfig, out: str | Path | None = None, resume: bool = False,
               overwrite: bool = False) -> dict[str, Any]:
-    """Train the SAEs of ``cfg`` into a run dir; returns the results (also in ``results.json``)."""
-    from tqdm.auto import tqdm
-    from .distributed import fault_step, launched_world_size, start_run
+    """Train the SAEs of ``cfg`` into a run dir; returns the results (also in ``results.json``; ``{}`` on a
+    rank other than 0). Phases: :func:`_prepare` (data, SAEs, the checkpoint to resume), :func:`_train_loop`
+    (steps, metrics, checkpoints), :func:`_finish` (averaged weights, save, evaluate, results); ``with run:``
+    records a failure, Ctrl-C or SIGTERM (:meth:`runs.RunDir.fail_with`)."""
+    from .distributed import launched_world_size, start_run
     check_world_size(cfg, launched_world_size(), resume)  # before the run dir is touched
     check_store(cfg)
     dist, run = start_run(resolve_device(cfg.device), out, STAGE, cfg, resume=resume, overwrite=overwrite,
                           seed=cfg.seed, resume_ignore=("progress", "log_every"))
+    with run:
+        state = _prepare(cfg, dist, run, resume)
+        _train_loop(state)
+        return _finish(state)
+
+
+def _prepare(cfg: TrainSAEConfig, dist, run, resume: bool) -> _TrainRun:
+    """Load the data source, record the inputs, build every SAE and its trainer (fresh or from ``init_from``),
+    restore the latest checkpoint when resuming and drop the metric rows past it."""
     device = dist.device
-    sigterm = SigtermInterrupts()
-    try:
-        with run.phase("load"):
-            source = _DataSource(cfg, device, dist.rank, dist.world)
-        run.add_input("model", source.model_path)
-        if cfg.activations:
-            run.add_input("activations", cfg.activations, digest=source.store_digest)
-        specs = sae_specs(cfg, source.widths)
-        trainers = []
-        for j, (name, hook, n, k) in enumerate(specs):
-            sc = SAEConfig(d_in=source.widths[hook], d_sae=n, k=k, architecture=cfg.architecture,
-                           l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient,
-                           jumprelu_bandwidth=cfg.jumprelu_bandwidth, hook_name=hook, model_name=cfg.model,
-                           matryoshka_widths=list(cfg.matryoshka_widths) or None)
-            sae = _initial_sae(cfg, sc, hook) if cfg.init_from else SAE(sc, seed=cfg.seed + j)
-            trainers.append((hook, SAETrainer(name, sae.to(device), cfg, device)))
-            trainers[-1][1].dist = dist
-        n_steps = 0 if cfg.skip_training else source.n_steps
-        start, tokens = load_checkpoint(run, [t for _, t in trainers]) if resume else (0, 0)
-        run.truncate_metrics(start)
-        autocast = autocast_dtype(cfg, device)
-        bar = tqdm(total=n_steps, initial=start, desc="train-sae", unit="step", disable=not (cfg.progress and dist.is_main))
-        t_train = time.perf_counter()
-        last_ckpt = start
-        die_at = fault_step(dist.rank)
-        with run.phase("train"):
-            for step, batch in enumerate(source.batches(start), start=start):
-                if step >= n_steps:
-                    break
-                if die_at == step + 1:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                row = train_step(trainers, batch, step, cfg, autocast, dist,
-                                 stopped=f"training stopped, the last good checkpoint (step {last_ckpt}) is kept")
-                tokens += cfg.batch_size
-                done = step + 1
-                if done % cfg.log_every == 0 or done == n_steps:
-                    elapsed = time.perf_counter() - t_train
-                    rec = {"step": done, "tokens": tokens, **{k: round(float(v), 6) for k, v in row.items()},
-                           "tokens_per_s": round((done - start) * cfg.batch_size / max(elapsed, 1e-9), 1)}
-                    run.log(rec)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k.endswith(("fvu", "l0"))})
-                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n_steps:
-                    if dist.is_main:
-                        save_checkpoint(run, [t for _, t in trainers], done, tokens, cfg.keep_checkpoints)
-                    dist.barrier()
-                    last_ckpt = done
-                bar.update(1)
-        bar.close()
-        train_seconds = time.perf_counter() - t_train
-        use_averaged_weights(trainers)
-        if not dist.is_main:
-            dist.barrier()  # rank 0 saves and evaluates
-            dist.end()
-            return {}
-        with run.phase("save"):
-            for _, t in trainers:
-                t.sae.eval()
-                rel = "sae" if len(trainers) == 1 else f"sae/{t.name}"
-                t.sae.cfg.model_name = record_path(source.model_path, run.path / rel, scope=run.path.parent)
-                t.sae.save(run.path / rel, format=cfg.save_format)
-                run.add_artifact(f"sae:{t.name}", rel)
-        with run.phase("eval"):
-            results = evaluate_saes(source, trainers, cfg)
-        for name, r in results.items():
-            r["train_tokens"] = tokens
-            r["weights"] = "schedule-free averaged (optimizer.eval())" if cfg.optimizer == "signum_sf" else "final"
-            r["b_dec_init"] = b_dec_init_note(cfg)
-        atomic_write_json(run.path / "results.json", results)
-        shutil.rmtree(_checkpoint_dir(run), ignore_errors=True)
-        run.finish(results=results, train_seconds=round(train_seconds, 3), steps=n_steps)
-        dist.barrier()
+    with run.phase("load"):
+        source = _DataSource(cfg, device, dist.rank, dist.world)
+    run.add_input("model", source.model_path)
+    if cfg.activations:
+        run.add_input("activations", cfg.activations, digest=source.store_digest)
+    trainers = []
+    for j, (name, hook, n, k) in enumerate(sae_specs(cfg, source.widths)):
+        sc = SAEConfig(d_in=source.widths[hook], d_sae=n, k=k, architecture=cfg.architecture,
+                       l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient,
+                       jumprelu_bandwidth=cfg.jumprelu_bandwidth, hook_name=hook, model_name=cfg.model,
+                       matryoshka_widths=list(cfg.matryoshka_widths) or None)
+        sae = _initial_sae(cfg, sc, hook) if cfg.init_from else SAE(sc, seed=cfg.seed + j)
+        trainers.append((hook, SAETrainer(name, sae.to(device), cfg, device)))
+        trainers[-1][1].dist = dist
+    ckpts = checkpoints(run, cfg)
+    start, tokens = load_checkpoint(ckpts, [t for _, t in trainers]) if resume else (0, 0)
+    run.truncate_metrics(start)
+    return _TrainRun(cfg, dist, run, source, trainers, ckpts, 0 if cfg.skip_training else source.n_steps, start,
+                     tokens)
+
+
+def _train_loop(st: _TrainRun) -> None:
+    """Steps ``st.start`` … ``st.n_steps`` − 1: a metrics row every ``log_every`` steps and at the last, a
+    checkpoint every ``checkpoint_every`` (rank 0 writes it, all ranks wait), the fault injection of the module
+    docstring; sets ``st.tokens`` and ``st.train_seconds``."""
+    from tqdm.auto import tqdm
+    from .distributed import fault_step
+    cfg, dist, run, start, n_steps = st.cfg, st.dist, st.run, st.start, st.n_steps
+    trainers = st.trainers
+    autocast = autocast_dtype(cfg, dist.device)
+    bar = tqdm(total=n_steps, initial=start, desc="train-sae", unit="step", disable=not (cfg.progress and dist.is_main))
+    t_train = time.perf_counter()
+    last_ckpt = start
+    die_at = fault_step(dist.rank)
+    with run.phase("train"):
+        for step, batch in enumerate(st.source.batches(start), start=start):
+            if step >= n_steps:
+                break
+            if die_at == step + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            row = train_step(trainers, batch, step, cfg, autocast, dist,
+                             stopped=f"training stopped, the last good checkpoint (step {last_ckpt}) is kept")
+            st.tokens += cfg.batch_size
+            done = step + 1
+            if done % cfg.log_every == 0 or done == n_steps:
+                elapsed = time.perf_counter() - t_train
+                rec = {"step": done, "tokens": st.tokens, **{k: round(float(v), 6) for k, v in row.items()},
+                       "tokens_per_s": round((done - start) * cfg.batch_size / max(elapsed, 1e-9), 1)}
+                run.log(rec)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k.endswith(("fvu", "l0"))})
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n_steps:
+                if dist.is_main:
+                    save_checkpoint(st.ckpts, [t for _, t in trainers], done, st.tokens)
+                dist.barrier()
+                last_ckpt = done
+            bar.update(1)
+    bar.close()
+    st.train_seconds = time.perf_counter() - t_train
+
+
+def _finish(st: _TrainRun) -> dict[str, Any]:
+    """Switch to the averaged weights; on rank 0 save every SAE, evaluate them, write ``results.json``, delete
+    the checkpoints and finish the manifest; the other ranks wait for rank 0 and return ``{}``."""
+    cfg, dist, run, trainers = st.cfg, st.dist, st.run, st.trainers
+    use_averaged_weights(trainers)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 saves and evaluates
         dist.end()
-        return results
-    except BaseException as e:
-        sigterm.stopping = True
-        run.fail_with(e)
-        raise
-    finally:
-        sigterm.restore()
+        return {}
+    with run.phase("save"):
+        for _, t in trainers:
+            t.sae.eval()
+            rel = "sae" if len(trainers) == 1 else f"sae/{t.name}"
+            t.sae.cfg.model_name = record_path(st.source.model_path, run.path / rel, scope=run.path.parent)
+            t.sae.save(run.path / rel, format=cfg.save_format)
+            run.add_artifact(f"sae:{t.name}", rel)
+    with run.phase("eval"):
+        results = evaluate_saes(st.source, trainers, cfg)
+    for r in results.values():
+        r["train_tokens"] = st.tokens
+        r["weights"] = "schedule-free averaged (optimizer.eval())" if cfg.optimizer == "signum_sf" else "final"
+        r["b_dec_init"] = b_dec_init_note(cfg)
+    atomic_write_json(run.path / "results.json", results)
+    st.ckpts.clear()
+    run.finish(results=results, train_seconds=round(st.train_seconds, 3), steps=st.n_steps)
+    dist.barrier()
+    dist.end()
+    return results
 
 
 class _DataSource:

@@ -191,6 +191,13 @@ def test_probe_columns_on_the_toy(saes, tmp_path, monkeypatch):
     assert a["probe_raw_acc"] == 0.9 and a["probe_n_concepts"] == 2
     head = (tmp_path / "ev" / "quality.csv").read_text().splitlines()[0].split(",")
     assert {"probe acc k=1", "probe acc k=5", "probe raw"} <= set(head)
+    # which latents carry which concept, per SAE, as the explorer's SAE quality page reads it back
+    from saetune.analysis.sae_quality_view import concept_frame
+    c = concept_frame(tmp_path / "ev")
+    assert sorted(set(c["sae"])) == sorted([str(saes["saelens"]), str(saes["run"])])
+    assert len(c) == 4 and set(c["concept"]) == {"op_add", "is_check"} and set(c["latent"]) == {0}
+    mine = c[c["sae"] == str(saes["saelens"])]
+    assert mine["k1_acc"].tolist() == pytest.approx([0.76, 0.76]) and mine["sae_acc"].tolist() == pytest.approx([0.8, 0.8])
 
 
 def test_which_models_count_as_the_toy(tiny_model_dir):

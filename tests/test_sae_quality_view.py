@@ -106,3 +106,19 @@ def test_page_on_a_dir_without_sae_results(tmp_path, monkeypatch):
     assert any("saetune eval-sae" in i.value for i in at.info)
     at = _page(tmp_path / "nowhere", monkeypatch)
     assert at.warning
+
+
+def test_page_shows_which_latents_carry_which_concept(pipeline, monkeypatch, tmp_path):
+    """An eval-sae run's concepts.csv (written when it probes the toy) becomes a per-SAE table on the page."""
+    import shutil
+    run = tmp_path / "quality"
+    shutil.copytree(pipeline / "quality", run)
+    (run / "concepts.csv").write_text("sae,concept,rank,latent,mean_diff,sae_acc,k1_acc\n"
+                                      "a,op_add,0,7,0.5,0.9,0.8\na,op_add,1,3,0.2,0.9,0.8\nb,is_check,0,11,-0.4,0.7,0.6\n")
+    at = _page(run, monkeypatch)
+    assert at.subheader[-1].value == "which latents carry which concept"
+    assert at.selectbox(key="concept_sae").options == ["a", "b"]
+    shown = at.dataframe[-1].value
+    assert shown["latent"].tolist() == [7, 3] and "sae" not in shown.columns
+    at.selectbox(key="concept_sae").set_value("b").run()
+    assert at.dataframe[-1].value["concept"].tolist() == ["is_check"]

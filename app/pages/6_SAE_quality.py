@@ -30,3 +30,12 @@ if d is not None:
                 labels = [r["label"] for r in qv.histogram_rows(rows)]
                 chosen = st.multiselect("density histograms of", labels, default=labels[:4], key="density")
                 st.plotly_chart(qv.density_figure([r for r in rows if r["label"] in chosen]), key="density_fig")
+            concepts = qv.concept_frame(d)
+            if concepts is not None and len(concepts):
+                st.subheader("which latents carry which concept")
+                st.caption("sparse probing on the toy task (saetune.probing): per concept, the latents with the "
+                           "largest |mean difference| between its classes, and the held-out accuracy of a probe on "
+                           "the top k of them (k1_acc: that latent alone)")
+                saes = sorted(concepts["sae"].astype(str).unique())
+                pick = st.selectbox("SAE", saes, key="concept_sae")
+                st.dataframe(concepts[concepts["sae"].astype(str) == pick].drop(columns=["sae"]), hide_index=True)
