@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import importlib
 
+from .verbs import lazy_exports as _verb_exports  # cheap: the verb table only
+
 __version__ = "0.1.0"
 
+# name → (module, attribute); each verb's function and config class come from saetune.verbs
 _LAZY = {
+    **_verb_exports(),
     "SAE": ("saetune.sae", "SAE"),
     "SAEConfig": ("saetune.sae", "SAEConfig"),
-    "train_sae": ("saetune.sae_trainer", "train_sae"),
     "fit_sae": ("saetune.fit", "fit_sae"),
-    "eval_sae": ("saetune.sae_eval", "eval_sae"),
-    "EvalSAEConfig": ("saetune.sae_eval", "EvalSAEConfig"),
-    "TrainSAEConfig": ("saetune.sae_trainer", "TrainSAEConfig"),
     "ActivationStore": ("saetune.activations", "ActivationStore"),
-    "cache": ("saetune.activations", "cache"),
-    "CacheConfig": ("saetune.activations", "CacheConfig"),
     "load_model": ("saetune.models", "load_model"),
-    "demo": ("saetune.demo_pipeline", "demo"),
-    "tune": ("saetune.tuning", "tune"),
-    "TuneConfig": ("saetune.tuning", "TuneConfig"),
-    "merge": ("saetune.merging", "merge"),
     "attach_sae": ("saetune.attach", "attach_sae"),
-    "run_pipeline": ("saetune.pipeline", "run_pipeline"),
     "SaetuneError": ("saetune.errors", "SaetuneError"),
     "saes": ("saetune.hooked", "saes"),
     "run_with_cache": ("saetune.hooked", "run_with_cache"),

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from . import __version__
 from . import config as _config
 from .errors import SaetuneError
+from .verbs import GROUPS, VERBS, Verb, command as _command
 
 
 def _verb(sub, name: str, cls: type, help: str) -> argparse.ArgumentParser:
@@ -27,11 +28,6 @@ def _verb(sub, name: str, cls: type, help: str) -> argparse.ArgumentParser:
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(cls=cls, stage=name)
     return p
-
-
-def _command(stage: str) -> str:
-    """The command that makes (and resumes) a run dir of ``stage``."""
-    return "saetune " + {"toy": "toy build"}.get(stage, stage)
 
 
 def _check_resume_stage(run_dir: str, stage: str) -> None:
@@ -94,25 +90,11 @@ def _stage(module: str, fn: str) -> Callable:
     return cmd
 
 
-cmd_cache = _stage("saetune.activations", "cache")
-cmd_train_sae = _stage("saetune.sae_trainer", "train_sae")
-cmd_tune = _stage("saetune.tuning", "tune")
-cmd_merge = _stage("saetune.attach", "merge")
-cmd_attach = _stage("saetune.attach", "attach")
-cmd_features = _stage("saetune.analysis.feature_build", "features")
-cmd_rl = _stage("saetune.rl.trainer", "train")
-
-
 def cmd_toy_build(args) -> None:
     from .toy.build import build_toy
     cfg, out, resume = _resolve(args)
     stats = build_toy(cfg, out or "runs/toy-base", resume=resume, overwrite=args.overwrite, progress=args.progress)
     _print_json(stats)
-
-
-
-
-
 
 
 def cmd_eval(args) -> None:
@@ -124,7 +106,6 @@ def cmd_eval(args) -> None:
     results = run(cfg, out, resume=resume, overwrite=args.overwrite)
     _print_json({name: {k: e[k] for k in ("n", "samples_per_problem", "pass@1", "avg@k", "pass@k", "ci95",
                                           "unparsable_gold", "problems_per_s")} for name, e in results.items()})
-
 
 
 def cmd_explore(args) -> None:
@@ -139,7 +120,6 @@ def cmd_pipeline(args) -> None:
         from .runs import default_run_dir
         out = default_run_dir(Path(args.recipe).stem.replace("_", "-"))
     _print_json(run_pipeline(args.recipe, out, resume=bool(args.resume), overwrite=args.overwrite, only=args.only))
-
 
 
 def cmd_verl_data(args) -> None:
@@ -170,73 +150,23 @@ def cmd_demo(args) -> None:
     demo(cfg, out, resume=resume, overwrite=args.overwrite)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .activations import CacheConfig
-    from .attach import AttachConfig, MergeConfig
-    from .demo_pipeline import DemoConfig
-    from .toy.build import ToyBuildConfig
-    from .sae_trainer import TrainSAEConfig
-    from .tuning import TuneConfig
-
-    parser = argparse.ArgumentParser(prog="saetune", description=(
-        "saetune: sparse autoencoders, SAE-Tuning and RL tools for reasoning models. "
-        "Each verb writes one run dir (config.yaml, manifest.json, metrics.jsonl, artifacts)."))
-    parser.add_argument("--version", action="version", version=f"saetune {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    sub.required = True
-
-    p = _verb(sub, "demo", DemoConfig, "Resa's SAE-Tuning end to end on the toy model, on a CPU: RL-trained "
-                                       "source → its activations → SAE → SAE-Tuning of the base → merge → controls "
-                                       "→ greedy accuracy of each → feature data, in a summary table")
-    p.set_defaults(fn=cmd_demo)
-
-    toy = sub.add_parser("toy", help="the built-in model organism (a tiny arithmetic reasoning model)")
-    toy_sub = toy.add_subparsers(dest="toy_verb", metavar="ACTION")
-    toy_sub.required = True
-    p = _verb(toy_sub, "build", ToyBuildConfig, "pre-train the toy model from scratch into a HF model dir")
-    p.set_defaults(fn=cmd_toy_build, stage="toy")
-
-    p = _verb(sub, "cache", CacheConfig, "capture activations into an on-disk store")
-    p.set_defaults(fn=cmd_cache)
-    p = _verb(sub, "train-sae", TrainSAEConfig, "train SAEs on a model's activations (store or on the fly)")
-    p.set_defaults(fn=cmd_train_sae)
-    from .sae_eval import EvalSAEConfig
-    p = _verb(sub, "eval-sae", EvalSAEConfig, "SAEBench's core metrics (ce_loss_score, kl_div_score, explained "
-              "variance, L0, alive, density) and one quality table for one or several SAEs on any model")
-    p.set_defaults(fn=cmd_eval_sae)
-    p = sub.add_parser("pipeline", help="run a pipeline recipe (e.g. resa_still_v5): one sub-run per stage",
-                       description="Run the stages of a pipeline recipe (a shipped name or a YAML path) into one "
-                                   "parent dir; '{stage}' in a setting names an earlier stage's run dir.")
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="pipeline recipe: resa_still_v5, resa_deepscaler_v3, resa_modularity, or a path")
     p.add_argument("--out", metavar="DIR", help="parent run dir (default runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", metavar="DIR", help="continue the pipeline in DIR (complete stages are kept)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing parent dir")
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
-    p.set_defaults(fn=cmd_pipeline)
-    p = _verb(sub, "tune", TuneConfig, "SAE-Tuning (Resa Stage II): LoRA through a frozen SAE bottleneck")
-    p.set_defaults(fn=cmd_tune)
-    p = _verb(sub, "merge", MergeConfig, "merge a LoRA adapter into its model (merged/ with a model card)")
-    p.set_defaults(fn=cmd_merge)
-    p = _verb(sub, "attach", AttachConfig, "put an adapter onto another model, or hook an SAE in while generating")
-    p.set_defaults(fn=cmd_attach)
-    from .evaluate import EvalConfig
-    p = _verb(sub, "eval", EvalConfig, "sample and grade a model on math benchmarks (pass@k); --compare tabulates runs")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print a table of these eval run dirs (or "
                    "parents of eval run dirs) instead of evaluating")
     p.add_argument("--metric", default="pass@1", help="metric of the --compare table: pass@1, avg@k or pass@k:K")
     p.add_argument("--allow-mixed-presets", action="store_true", help="--compare: show runs of different eval presets "
                    "side by side (refused otherwise: their numbers do not compare); the table then says so")
-    p.set_defaults(fn=cmd_eval)
-    from saetune.analysis.feature_build import FeaturesConfig
-    p = _verb(sub, "features", FeaturesConfig, "precompute per-feature explorer data (density, histograms, contexts, "
-              "logit effects, neighbours, think-token features)")
-    p.set_defaults(fn=cmd_features)
-    from saetune.rl.trainer import RLConfig
-    p = _verb(sub, "rl", RLConfig, "GRPO/DAPO RL (CURE optional) with verifiable rewards; writes model/, metrics, traces")
-    p.set_defaults(fn=cmd_rl)
-    p = sub.add_parser("verl-data", help="write a benchmark or the toy task as verl's RL parquet",
-                       description="One row per problem: data_source, prompt (chat), ability, reward_model "
-                                   "(ground_truth) and extra_info (index; rpr_weight, rpr_mode when given).")
+
+
+def _verl_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="toy, a benchmark name (math500, aime24, ...), a JSONL/Parquet file or a hub id")
     p.add_argument("--out", required=True, metavar="FILE.parquet", help="parquet file to write")
     p.add_argument("--limit", type=int, default=0, help="keep the first N problems (toy: draw N, default 1024)")
@@ -247,20 +177,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper), alone = RPR only, add = summed (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the toy problems")
     p.add_argument("--split", default="train", help="dataset split to read (hub ids) and record")
-    p.set_defaults(fn=cmd_verl_data)
-    p = sub.add_parser("verl-train", help="run verl's PPO trainer with a saetune verl recipe (dapo_math)",
-                       description="python -m verl.trainer.main_ppo with the recipe's Hydra overrides, then yours "
-                                   "(later ones win). Needs pip install saetune[verl] and GPUs.")
+
+
+def _verl_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="shipped verl recipe (dapo_math) or a YAML path")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="Hydra overrides for verl")
     p.add_argument("--dry-run", action="store_true", help="print the command and stop")
-    p.set_defaults(fn=cmd_verl_train)
-    p = sub.add_parser("explore", help="open the Streamlit explorer on a run dir or a pipeline dir",
-                       description="Run the Streamlit explorer headless (no usage statistics) on RUN_DIR.")
+
+
+def _explore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir or a pipeline's parent dir (e.g. runs/demo-…)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=8501, help="port to serve on")
-    p.set_defaults(fn=cmd_explore)
+
+
+def _handler(v: Verb) -> Callable:
+    """The function ``saetune <v.name>`` runs: ``cli.<v.cli>``, or the generic stage runner."""
+    return globals()[v.cli] if v.cli else _stage(v.module, v.function)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One sub-command per verb of :data:`saetune.verbs.VERBS`, in its order."""
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="saetune", description=(
+        "saetune: sparse autoencoders, SAE-Tuning and RL tools for reasoning models. "
+        "Each verb writes one run dir (config.yaml, manifest.json, metrics.jsonl, artifacts)."))
+    parser.add_argument("--version", action="version", version=f"saetune {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    groups: dict[str, Any] = {}
+    for v in VERBS:
+        where, name = sub, v.name
+        if " " in v.name:  # "toy build": an action of the "toy" group
+            group, name = v.name.split(" ", 1)
+            if group not in groups:
+                g = sub.add_parser(group, help=GROUPS[group])
+                groups[group] = g.add_subparsers(dest=f"{group}_verb", metavar="ACTION")
+                groups[group].required = True
+            where = groups[group]
+        if v.config:
+            p = _verb(where, name, getattr(importlib.import_module(v.module), v.config), v.help)
+            p.set_defaults(stage=v.stage_name)
+        else:
+            p = where.add_parser(name, help=v.help, description=v.description or None)
+        if v.arguments:
+            globals()[v.arguments](p)
+        p.set_defaults(fn=_handler(v))
     return parser
 
 

@@ -198,7 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             f.default_factory() if f.default_factory is not _MISSING else None)
         flag = "--" + name.replace("_", "-")
         base, _ = _unwrap_optional(tp)
-        h = f"{help_text} [{_type_name(tp)}; default: {default!r}]"
+        # argparse %-formats help (for %(default)s): a literal % in a field's text must reach it doubled
+        h = f"{help_text} [{_type_name(tp)}; default: {default!r}]".replace("%", "%%")
         if base is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=h)

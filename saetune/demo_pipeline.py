@@ -6,14 +6,15 @@ activations cached at a middle block → a TopK SAE (Resa's Stage I recipe scale
 of the base through that frozen SAE (``toy_tune`` recipe) → merge → controls (the same LoRA
 fine-tuning without the SAE, on the traces and CoT-free) → greedy exact-match accuracy of every model
 → feature data for the explorer. One parent run dir holds a sub-run per stage (``eval/<label>/``
-per model) and ``summary.json``; a killed demo continues with ``--resume``.
+per model) and ``summary.json``; a killed demo continues with ``--resume``. The stages are a recipe
+(:func:`demo_steps`) run by the pipeline's stage runner (:func:`saetune.pipeline.run_steps`); this module adds
+the summary table.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from .config import opt
 from .errors import SaetuneError
 from .io import atomic_write_json, check_writable_dir
-from .pipeline import stage_state
+from .pipeline import Step, run_steps
 from .runs import RunDir, check_overwrite_parent, config_paths, default_run_dir, record_path
 from .tuning import TuneConfig
 
@@ -72,14 +73,6 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     them → SAE-Tuning of the base through that SAE → merge; controls: the same LoRA fine-tuning
     without the SAE, on the traces and CoT-free; greedy exact-match accuracy of every model.
     """
-    from .activations import CacheConfig, cache
-    from .attach import MergeConfig, merge
-    from .config import load_config
-    from .evaluate import EvalConfig, run as run_eval
-    from .toy.build import ToyBuildConfig, build_toy, shipped_base_path, shipped_source_path
-    from .sae_trainer import TrainSAEConfig, train_sae
-    from .tuning import tune
-
     parent = Path(out) if out else default_run_dir("demo")
     if parent.exists() and any(parent.iterdir()) and not (resume or overwrite):
         raise SaetuneError(f"output dir {str(parent)!r} already holds a demo; pass --resume to continue it, "
@@ -93,87 +86,14 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
         from .config import dump_yaml
         from .io import atomic_write_text
         atomic_write_text(parent / "config.yaml", dump_yaml(cfg))
-    times: dict[str, float] = {}
-
-    def stage(name: str, fn) -> Path:
-        path = parent / name
-        state = stage_state(path)
-        t0 = time.perf_counter()
-        if state == "complete":
-            print(f"[{name}] already complete, kept")
-        else:
-            print(f"[{name}] running …", flush=True)
-            fn(path, state == "partial")
-        times[name] = round(time.perf_counter() - t0, 2)
-        print(f"[{name}] {times[name]:.1f} s", flush=True)
-        return path
-
-    def base_stage(path: Path, partial: bool):
-        if cfg.build_toy:
-            build_toy(ToyBuildConfig(seed=cfg.seed), path, resume=partial, progress=cfg.progress)
-        else:
-            _copy_shipped(path, shipped_base_path(), "shipped")
-
-    base_dir = stage("toy-base", base_stage)
-    base_model = base_dir / "model"
-
-    def source_stage(path: Path, partial: bool):
-        if cfg.source == "rl":
-            from .rl import RLConfig, train as rl_train
-            over = dict(model=str(base_model), seed=cfg.seed, eval_problems=cfg.eval_problems, progress=cfg.progress)
-            if cfg.rl_steps:
-                over["steps"] = cfg.rl_steps
-            rl_train(load_config(RLConfig, cfg.rl_recipe, over), path, resume=partial)
-        elif cfg.build_toy:
-            build_toy(ToyBuildConfig(seed=cfg.seed + 1, init_from=str(base_model), **SOURCE_BUILD), path,
-                      resume=partial, progress=cfg.progress)
-        else:
-            _copy_shipped(path, shipped_source_path(), "shipped")
-
-    source_dir = stage("rl-source" if cfg.source == "rl" else "toy-source", source_stage)
-    source_model = source_dir / "model"
-
-    cache_cfg = CacheConfig(model=str(source_model), hooks=[cfg.hook], dataset="toy", max_examples=cfg.examples,
-                            context_size=cfg.context_size, data_seed=cfg.seed, progress=cfg.progress)
-    cache_dir = stage("cache", lambda p, partial: cache(cache_cfg, p, resume=partial))
-
-    sae_cfg = TrainSAEConfig(model=str(source_model), activations=str(cache_dir), hooks=[cfg.hook],
-                             d_sae=[cfg.d_sae], k=[cfg.k], batch_size=cfg.batch_size, dead_tokens=cfg.dead_tokens,
-                             seed=cfg.seed, context_size=cfg.context_size, data_seed=cfg.seed, eval_seqs=32,
-                             checkpoint_every=50, log_every=2, progress=cfg.progress)
-    sae_dir = stage("sae", lambda p, partial: train_sae(sae_cfg, p, resume=partial))
-
-    from .toy.build import torch_threads
-
-    def tuned(c, p, partial):
-        with torch_threads(1):  # a 1M-parameter model: one thread beats two (no spin-waits on tiny matmuls)
-            return tune(c, p, resume=partial)
-
-    def tune_cfg(**kw):
-        return load_config(TuneConfig, cfg.tune_recipe, dict(model=str(base_model), hook=cfg.hook, seed=cfg.seed,
-                                                             max_steps=cfg.tune_steps, progress=cfg.progress, **kw))
-
-    tune_dir = stage("tune", lambda p, partial: tuned(tune_cfg(sae=str(sae_dir)), p, partial))
-    merge_dir = stage("merge", lambda p, partial: merge(MergeConfig(adapter=str(tune_dir)), p, resume=partial))
-    models = {"base": base_dir, "source": source_dir, "SAE-tuned": merge_dir}
-    if cfg.controls:
-        for name, dataset in (("control-sft", "toy"), ("control-cotfree", "toy-cotfree")):
-            c = tune_cfg(sae="", loss="ce", dataset=dataset)
-            models[name] = stage(name, lambda p, partial, c=c: tuned(c, p, partial))
+    steps, dirs = demo_steps(cfg, parent)
+    times = run_steps(parent, steps, time_kept=True)  # a kept stage is timed too: the table lists every stage
+    source_dir, cache_dir, sae_dir, tune_dir = (dirs[k] for k in ("source", "cache", "sae", "tune"))
 
     accuracy: dict[str, dict[str, Any]] = {}
-    for label, model_dir in models.items():
-        ecfg = EvalConfig(model=str(model_dir), label=label, benchmarks=["toy"], temperature=0.0,
-                          toy_problems=cfg.eval_problems, seed=cfg.seed + 12345, progress=cfg.progress)
-        d = stage(f"eval/{label}", lambda p, partial, e=ecfg: run_eval(e, p, resume=partial))
+    for label, d in dirs["eval"].items():
         r = json.loads((d / "eval" / "results.json").read_text())["toy"]
         accuracy[label] = {"accuracy": r["pass@1"], "ci95": r.get("ci95"), "n": r["n"]}
-
-    if cfg.features:
-        from .analysis.feature_build import FeaturesConfig, features
-        fcfg = FeaturesConfig(sae=str(sae_dir), model=str(source_model), max_examples=600, n_tokens=16384,
-                              progress=cfg.progress)
-        stage("features", lambda p, partial: features(fcfg, p, resume=partial))
 
     sae_results = json.loads((sae_dir / "results.json").read_text())
     r = next(iter(sae_results.values()))
@@ -206,6 +126,98 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
     print(format_table(summary))
     print(f"\nrun dir: {parent}")
     return summary
+
+
+def demo_steps(cfg: DemoConfig, parent: Path) -> tuple[list[Step], dict[str, Any]]:
+    """The demo as a recipe: its sub-runs of ``parent`` in order (run by :func:`saetune.pipeline.run_steps`), and
+    the dirs the summary reads (``"eval"``: label → eval dir). Each stage builds its config when it runs."""
+    from .activations import CacheConfig, cache
+    from .config import load_config
+    from .evaluate import EvalConfig, run as run_eval
+    from .merging import MergeConfig, merge
+    from .sae_trainer import TrainSAEConfig, train_sae
+    from .toy.build import ToyBuildConfig, build_toy, shipped_base_path, shipped_source_path, torch_threads
+    from .tuning import tune
+
+    steps: list[Step] = []
+
+    def stage(name: str, fn) -> Path:
+        steps.append(Step(name, "running", fn))
+        return parent / name
+
+    def base_stage(path: Path, partial: bool):
+        if cfg.build_toy:
+            build_toy(ToyBuildConfig(seed=cfg.seed), path, resume=partial, progress=cfg.progress)
+        else:
+            _copy_shipped(path, shipped_base_path(), "shipped")
+
+    base_dir = stage("toy-base", base_stage)
+    base_model = base_dir / "model"
+
+    def source_stage(path: Path, partial: bool):
+        if cfg.source == "rl":
+            from .rl import RLConfig, train as rl_train
+            over = dict(model=str(base_model), seed=cfg.seed, eval_problems=cfg.eval_problems, progress=cfg.progress)
+            if cfg.rl_steps:
+                over["steps"] = cfg.rl_steps
+            rl_train(load_config(RLConfig, cfg.rl_recipe, over), path, resume=partial)
+        elif cfg.build_toy:
+            build_toy(ToyBuildConfig(seed=cfg.seed + 1, init_from=str(base_model), **SOURCE_BUILD), path,
+                      resume=partial, progress=cfg.progress)
+        else:
+            _copy_shipped(path, shipped_source_path(), "shipped")
+
+    source_dir = stage("rl-source" if cfg.source == "rl" else "toy-source", source_stage)
+    source_model = source_dir / "model"
+
+    def cache_stage(path: Path, partial: bool):
+        cache(CacheConfig(model=str(source_model), hooks=[cfg.hook], dataset="toy", max_examples=cfg.examples,
+                          context_size=cfg.context_size, data_seed=cfg.seed, progress=cfg.progress), path,
+              resume=partial)
+
+    cache_dir = stage("cache", cache_stage)
+
+    def sae_stage(path: Path, partial: bool):
+        train_sae(TrainSAEConfig(model=str(source_model), activations=str(cache_dir), hooks=[cfg.hook],
+                                 d_sae=[cfg.d_sae], k=[cfg.k], batch_size=cfg.batch_size, dead_tokens=cfg.dead_tokens,
+                                 seed=cfg.seed, context_size=cfg.context_size, data_seed=cfg.seed, eval_seqs=32,
+                                 checkpoint_every=50, log_every=2, progress=cfg.progress), path, resume=partial)
+
+    sae_dir = stage("sae", sae_stage)
+
+    def tuned(kw: dict[str, Any]):
+        def run(path: Path, partial: bool):
+            c = load_config(TuneConfig, cfg.tune_recipe, dict(model=str(base_model), hook=cfg.hook, seed=cfg.seed,
+                                                              max_steps=cfg.tune_steps, progress=cfg.progress, **kw))
+            with torch_threads(1):  # a 1M-parameter model: one thread beats two (no spin-waits on tiny matmuls)
+                return tune(c, path, resume=partial)
+        return run
+
+    tune_dir = stage("tune", tuned(dict(sae=str(sae_dir))))
+    merge_dir = stage("merge", lambda p, partial: merge(MergeConfig(adapter=str(tune_dir)), p, resume=partial))
+    models = {"base": base_dir, "source": source_dir, "SAE-tuned": merge_dir}
+    if cfg.controls:
+        for name, dataset in (("control-sft", "toy"), ("control-cotfree", "toy-cotfree")):
+            models[name] = stage(name, tuned(dict(sae="", loss="ce", dataset=dataset)))
+
+    def eval_stage(label: str, model_dir: Path):
+        def run(path: Path, partial: bool):
+            run_eval(EvalConfig(model=str(model_dir), label=label, benchmarks=["toy"], temperature=0.0,
+                                toy_problems=cfg.eval_problems, seed=cfg.seed + 12345, progress=cfg.progress), path,
+                     resume=partial)
+        return run
+
+    evals = {label: stage(f"eval/{label}", eval_stage(label, d)) for label, d in models.items()}
+
+    if cfg.features:
+        def features_stage(path: Path, partial: bool):
+            from .analysis.feature_build import FeaturesConfig, features
+            features(FeaturesConfig(sae=str(sae_dir), model=str(source_model), max_examples=600, n_tokens=16384,
+                                    progress=cfg.progress), path, resume=partial)
+
+        stage("features", features_stage)
+    return steps, {"source": source_dir, "cache": cache_dir, "sae": sae_dir, "tune": tune_dir,
+                   "eval": evals}
 
 
 SOURCE_BUILD = dict(steps=200, lr=1e-3, warmup_steps=20)  # the base trained further: the demo's stronger source

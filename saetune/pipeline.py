@@ -13,6 +13,7 @@ reads like the paper's procedure::
 
 The parent dir gets one sub-run per stage; a complete stage is kept on ``--resume``, a
 partial one resumes. ``expected`` (optional) holds the published numbers the run should match.
+:func:`run_steps` is that stage runner; ``saetune demo`` runs its own recipe (Python steps) through it too.
 """
 
 from __future__ import annotations
@@ -28,17 +29,11 @@ from typing import Any, Callable
 from . import config as _config
 from .errors import SaetuneError
 from .io import atomic_write_json, check_writable_dir
+from .verbs import pipeline_verbs
 
-# verb → (module, config class, run function); every run function is f(cfg, out, resume=, overwrite=)
-VERBS: dict[str, tuple[str, str, str]] = {
-    "cache": ("saetune.activations", "CacheConfig", "cache"),
-    "train-sae": ("saetune.sae_trainer", "TrainSAEConfig", "train_sae"),
-    "eval-sae": ("saetune.sae_eval", "EvalSAEConfig", "eval_sae"),
-    "tune": ("saetune.tuning", "TuneConfig", "tune"),
-    "merge": ("saetune.attach", "MergeConfig", "merge"),
-    "attach": ("saetune.attach", "AttachConfig", "attach"),
-    "eval": ("saetune.evaluate", "EvalConfig", "run"),
-}
+# verb → (module, config class, run function) of every verb a recipe may name (saetune.verbs marks them
+# pipeline=True); every run function is f(cfg, out, resume=, overwrite=)
+VERBS: dict[str, tuple[str, str, str]] = pipeline_verbs()
 
 
 def verb_api(verb: str) -> tuple[type, Callable]:
@@ -66,6 +61,44 @@ def stage_state(path: Path) -> str:
     if unworked_run(path):
         return "missing"
     return "complete" if json.loads(mf.read_text()).get("status") == "complete" else "partial"
+
+
+@dataclass
+class Step:
+    """One sub-run as Python: ``run(path, partial)`` makes the run dir ``path`` (resumes it when ``partial``);
+    ``doing`` is said while it runs (``[name] doing …``)."""
+    name: str
+    doing: str
+    run: Callable[[Path, bool], Any]
+
+
+def _verb_step(st: Stage) -> Callable[[Path, bool], Any]:
+    def run(path: Path, partial: bool) -> Any:
+        _, fn = verb_api(st.verb)
+        return fn(st.cfg, path, resume=partial, overwrite=False)
+    return run
+
+
+def run_steps(parent: Path, steps: list[Step], time_kept: bool = False) -> dict[str, float]:
+    """Run each step into ``parent/<name>`` in order: a complete sub-run is kept, a partial one resumes, a missing
+    one starts (:func:`stage_state`). Returns the seconds of each step that ran (with ``time_kept``, of each kept
+    one too, which is then printed as well)."""
+    import time
+    seconds: dict[str, float] = {}
+    for st in steps:
+        path = parent / st.name
+        state = stage_state(path)
+        t0 = time.perf_counter()
+        if state == "complete":
+            print(f"[{st.name}] already complete, kept")
+            if not time_kept:
+                continue
+        else:
+            print(f"[{st.name}] {st.doing} …", flush=True)
+            st.run(path, state == "partial")
+        seconds[st.name] = round(time.perf_counter() - t0, 2)
+        print(f"[{st.name}] {seconds[st.name]:.1f} s", flush=True)
+    return seconds
 
 
 def _substitute(value: Any, dirs: dict[str, str], stage: str) -> Any:
@@ -114,7 +147,6 @@ def load_pipeline(recipe: str | Path, parent: str | Path) -> tuple[dict[str, Any
 def run_pipeline(recipe: str | Path, out: str | Path, resume: bool = False, overwrite: bool = False,
                  only: list[str] | None = None) -> dict[str, Any]:
     """Run the stages of ``recipe`` into ``out/<stage>``; returns ``summary.json``'s dict."""
-    import time
     parent = Path(out)
     if parent.exists() and any(parent.iterdir()) and not (resume or overwrite):
         raise SaetuneError(f"output dir {str(parent)!r} is not empty; pass --resume to continue the pipeline, "
@@ -134,21 +166,8 @@ def run_pipeline(recipe: str | Path, out: str | Path, resume: bool = False, over
         if bad:
             raise SaetuneError(f"--only names unknown stages {bad}; stages: {', '.join(names)}")
     parent.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    for st in stages:
-        if only and st.name not in only:
-            continue
-        path = parent / st.name
-        state = stage_state(path)
-        if state == "complete":
-            print(f"[{st.name}] already complete, kept")
-            continue
-        print(f"[{st.name}] {st.verb} …", flush=True)
-        t0 = time.perf_counter()
-        _, fn = verb_api(st.verb)
-        fn(st.cfg, path, resume=state == "partial", overwrite=False)
-        seconds[st.name] = round(time.perf_counter() - t0, 2)
-        print(f"[{st.name}] {seconds[st.name]:.1f} s", flush=True)
+    seconds = run_steps(parent, [Step(st.name, st.verb, _verb_step(st)) for st in stages
+                                 if not only or st.name in only])
     summary = {"pipeline": data.get("pipeline", Path(str(recipe)).stem), "stages": [s.name for s in stages],
                "seconds": seconds, "expected": data.get("expected")}
     atomic_write_json(parent / "summary.json", summary)

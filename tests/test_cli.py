@@ -106,6 +106,14 @@ def test_top_level_help(capsys):
     assert "capture activations into an on-disk store" in out
 
 
+def test_a_percent_sign_in_a_field_help_prints_as_written(capsys):
+    """argparse %-formats help text: a field's "15 %" must not become a dict dump with an object address."""
+    rc, out, _ = run_main(["train-sae", "--help"], capsys)
+    flat = " ".join(out.split())
+    assert rc == 0 and "competes for the same cores: 15 % slower on 2 cores" in flat
+    assert " object at 0x" not in flat
+
+
 def test_cache_help_shows_field_help(capsys):
     rc, out, _ = run_main(["cache", "--help"], capsys)
     assert rc == 0
