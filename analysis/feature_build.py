@@ -318,36 +318,79 @@ def _log(cfg: FeaturesConfig, msg: str) -> None:
 
 def build_hook_features(cfg: FeaturesConfig, model, tokenizer, sae, hook: str, chunks: torch.Tensor,
                         out_dir: Path, sources: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compute and write ``features/<hook>/`` (layout in the module docstring); returns meta."""
-    from saetune.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
-    from saetune.models import resolve_hook, run_to_hooks
+    """Compute and write ``features/<hook>/`` (layout in the module docstring); returns meta. Phases:
+    :func:`_encode_hook` (every token's active latents), :func:`_included_tokens`, :func:`_feature_neighbours`
+    and :func:`_example_lines` (statistics, neighbours, logit effects, examples), :func:`_write_hook_features`
+    (the files but ``meta.json``)."""
+    from saetune.io import atomic_write_json
+    from saetune.models import resolve_hook
 
     t0 = time.perf_counter()
     hp = resolve_hook(model, hook)
+    sae = sae.to(next(model.parameters()).device)
+    T = chunks.shape[1]
+    idx, val = _encode_hook(cfg, model, sae, hp, chunks)  # [N, k] each
+    ids_flat = chunks.reshape(-1).numpy()
+    t_encode = time.perf_counter() - t0
+
+    excluded = excluded_token_ids(tokenizer, cfg.exclude_tokens) if cfg.exclude_special else set()
+    included = _included_tokens(cfg, ids_flat, excluded, T)
+    F = sae.cfg.d_sae
+    st = feature_stats(idx, val, included, F, cfg.hist_bins)
+    logits, neighbours = _feature_neighbours(cfg, model, sae, idx, val, included, st)
+    lines, offsets, used, top_token_ids = _example_lines(cfg, st, F, ids_flat, idx, val, T)
+    for key in ("logit_pos_ids", "logit_neg_ids"):
+        used.update(np.unique(logits[key]).tolist())
+    used.update(int(t) for t in np.unique(top_token_ids) if t >= 0)
+    vocab = token_strings(tokenizer, used)
+
+    neighbours["top_token_ids"] = top_token_ids
+    _write_hook_features(out_dir, st, logits, neighbours, lines, offsets, vocab)
+    meta = {
+        "format": FORMAT, "version": VERSION, "hook": hook, "d_sae": F, "d_in": sae.cfg.d_in,
+        "architecture": sae.cfg.architecture, "k": sae.cfg.k,
+        "n_tokens": int(len(ids_flat)), "n_included_tokens": int(included.sum()), "context_size": int(T),
+        "excluded_token_ids": sorted(excluded), "excluded_first_position": bool(cfg.exclude_special),
+        "dead_features": int((st["count"] == 0).sum()),
+        "settings": {k: getattr(cfg, k) for k in ("hist_bins", "n_top", "n_quantiles", "n_per_quantile",
+                                                  "context_before", "context_after", "n_logits", "n_neighbours")},
+        "sources": sources or {}, "seconds": {"encode": round(t_encode, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    atomic_write_json(out_dir / "meta.json", meta)
+    return meta
+
+
+def _encode_hook(cfg: FeaturesConfig, model, sae, hp, chunks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Run the model to hook point ``hp`` on ``chunks`` [S, T], ``cfg.batch_size`` sequences at a time, and keep
+    each token's (at most ``cfg.max_active``) active SAE latents: ``(idx, val)``, both [S·T, k]."""
+    from saetune.models import run_to_hooks
+
     device = next(model.parameters()).device
-    sae = sae.to(device)
-    S, T = chunks.shape
     idx_parts, val_parts = [], []
-    for s0 in range(0, S, cfg.batch_size):
+    for s0 in range(0, chunks.shape[0], cfg.batch_size):
         ids = chunks[s0:s0 + cfg.batch_size].to(device)
         x = run_to_hooks(model, ids, [hp])[hp.name]  # [B, T, d]
         i, v = sparse_codes(sae, x.reshape(-1, x.shape[-1]).float(), cfg.max_active)
         idx_parts.append(i.int().cpu())
         val_parts.append(v.cpu())
-    idx = torch.cat(idx_parts).numpy()  # [N, k]
-    val = torch.cat(val_parts).numpy()  # [N, k]
-    ids_flat = chunks.reshape(-1).numpy()
-    t_encode = time.perf_counter() - t0
+    return torch.cat(idx_parts).numpy(), torch.cat(val_parts).numpy()
 
-    excluded = excluded_token_ids(tokenizer, cfg.exclude_tokens) if cfg.exclude_special else set()
-    if cfg.exclude_special:
-        included = ~np.isin(ids_flat, np.fromiter(excluded, np.int64, len(excluded)))
-        included &= (np.arange(len(ids_flat)) % T) != 0
-    else:
-        included = np.ones(len(ids_flat), bool)
+
+def _included_tokens(cfg: FeaturesConfig, ids_flat: np.ndarray, excluded: set[int], T: int) -> np.ndarray:
+    """Which of the S·T tokens count in the statistics: with ``exclude_special``, none whose id is in ``excluded``
+    and no sequence's first position; otherwise all."""
+    if not cfg.exclude_special:
+        return np.ones(len(ids_flat), bool)
+    included = ~np.isin(ids_flat, np.fromiter(excluded, np.int64, len(excluded)))
+    included &= (np.arange(len(ids_flat)) % T) != 0
+    return included
+
+
+def _feature_neighbours(cfg: FeaturesConfig, model, sae, idx: np.ndarray, val: np.ndarray, included: np.ndarray,
+                        st: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each feature's logit effects and nearest neighbours: by co-activation (Jaccard, on the first
+    ``coact_tokens`` tokens, all when 0) and by decoder cosine; returns ``(logits, neighbours)``."""
     F = sae.cfg.d_sae
-    st = feature_stats(idx, val, included, F, cfg.hist_bins)
-
     ct = cfg.coact_tokens or len(idx)
     coact_ids, coact_j = coactivation_neighbours(idx[:ct], val[:ct], included[:ct],
                                                  feature_stats(idx[:ct], val[:ct], included[:ct], F, 1)["count"]
@@ -355,7 +398,15 @@ def build_hook_features(cfg: FeaturesConfig, model, tokenizer, sae, hook: str, c
     dec_ids, dec_cos = decoder_neighbours(sae.W_dec.detach().cpu(), cfg.n_neighbours)
     W_U = model.get_output_embeddings().weight.detach().cpu()
     logits = logit_effects(sae.W_dec.detach().cpu(), W_U, _final_norm_weight(model), cfg.n_logits)
+    return logits, {"dec_nn_ids": dec_ids, "dec_nn_cos": dec_cos, "coact_nn_ids": coact_ids,
+                    "coact_nn_jaccard": coact_j}
 
+
+def _example_lines(cfg: FeaturesConfig, st: dict[str, np.ndarray], F: int, ids_flat: np.ndarray, idx: np.ndarray,
+                   val: np.ndarray, T: int) -> tuple[list[bytes], list[int], set[int], np.ndarray]:
+    """Per feature: its ``n_top`` top examples, ``n_per_quantile`` examples drawn (seeded by ``cfg.seed``) from each
+    of ``n_quantiles`` activation quantiles, and its most frequent peak tokens. Returns the ``examples.jsonl``
+    lines, their byte offsets, the token ids the examples use and ``top_token_ids`` [F, TOP_TOKENS] (−1 = none)."""
     rng = np.random.default_rng(cfg.seed)
     lines, offsets, used = [], [0], set()
     top_token_ids = np.full((F, TOP_TOKENS), -1, np.int32)
@@ -381,36 +432,27 @@ def build_hook_features(cfg: FeaturesConfig, model, tokenizer, sae, hook: str, c
         line = (json.dumps({"feature": f, "top": top, "quantiles": groups}, separators=(",", ":")) + "\n").encode()
         lines.append(line)
         offsets.append(offsets[-1] + len(line))
-    for key in ("logit_pos_ids", "logit_neg_ids"):
-        used.update(np.unique(logits[key]).tolist())
-    used.update(int(t) for t in np.unique(top_token_ids) if t >= 0)
-    vocab = token_strings(tokenizer, used)
+    return lines, offsets, used, top_token_ids
+
+
+def _write_hook_features(out_dir: Path, st: dict[str, np.ndarray], logits: dict[str, np.ndarray],
+                         arrays: dict[str, np.ndarray], lines: list[bytes], offsets: list[int],
+                         vocab: dict[int, str]) -> None:
+    """Write ``stats.safetensors`` (statistics, logit effects, then ``arrays``: neighbours, top tokens),
+    ``examples.jsonl`` with its byte-offset index ``examples.index.npy``, and ``tokens.json``."""
+    import io
+    from saetune.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(st[k])) for k in ("count", "density", "mean_act", "max_act", "hist")}
     tensors.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in logits.items()})
-    tensors.update({"dec_nn_ids": torch.from_numpy(dec_ids), "dec_nn_cos": torch.from_numpy(dec_cos),
-                    "coact_nn_ids": torch.from_numpy(coact_ids), "coact_nn_jaccard": torch.from_numpy(coact_j),
-                    "top_token_ids": torch.from_numpy(top_token_ids)})
+    tensors.update({k: torch.from_numpy(v) for k, v in arrays.items()})
     atomic_save_safetensors(out_dir / "stats.safetensors", tensors)
     atomic_write_bytes(out_dir / "examples.jsonl", b"".join(lines))
-    import io
     buf = io.BytesIO()
     np.save(buf, np.asarray(offsets, np.int64))
     atomic_write_bytes(out_dir / "examples.index.npy", buf.getvalue())
     atomic_write_json(out_dir / "tokens.json", {str(k): v for k, v in vocab.items()})
-    meta = {
-        "format": FORMAT, "version": VERSION, "hook": hook, "d_sae": F, "d_in": sae.cfg.d_in,
-        "architecture": sae.cfg.architecture, "k": sae.cfg.k,
-        "n_tokens": int(len(ids_flat)), "n_included_tokens": int(included.sum()), "context_size": int(T),
-        "excluded_token_ids": sorted(excluded), "excluded_first_position": bool(cfg.exclude_special),
-        "dead_features": int((st["count"] == 0).sum()),
-        "settings": {k: getattr(cfg, k) for k in ("hist_bins", "n_top", "n_quantiles", "n_per_quantile",
-                                                  "context_before", "context_after", "n_logits", "n_neighbours")},
-        "sources": sources or {}, "seconds": {"encode": round(t_encode, 3), "total": round(time.perf_counter() - t0, 3)},
-    }
-    atomic_write_json(out_dir / "meta.json", meta)
-    return meta
 
 
 def training_data(cfg: FeaturesConfig, sae_run: Path | None) -> FeaturesConfig:

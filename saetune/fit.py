@@ -49,10 +49,35 @@ def fit_sae(data: Tensor | Iterable[Tensor], sae_config: SAEConfig | SAE, **trai
     ``l0`` (mean active latents per row), ``mse`` and ``dead_frac`` (latents that never fire) of the
     trained SAE in inference mode on ``eval_on``: the held-out rows (``holdout``), ``eval_data``, the
     training tensor, a re-iterable ``data`` once more, or else its last batch.
+
+    Phases: :func:`_prepare_fit` (options, data checks, the SAE and its trainer), :func:`_fit_loop` (the
+    steps), :func:`_fit_metrics` (averaged weights, the final metrics).
     """
-    from tqdm.auto import tqdm
+    fit = _prepare_fit(data, sae_config, trainer_options)
+    history, tokens, last = _fit_loop(fit)
+    return fit.sae, _fit_metrics(fit, data, history, tokens, last)
+
+
+@dataclasses.dataclass
+class _Fit:
+    """What ``fit_sae``'s phases share: train-sae's config, the SAE and its trainer, the batches, and the rows
+    the final metrics are measured on (``eval_on`` names them; ``eval_data`` holds them when given or held out)."""
+
+    tc: Any  # sae_trainer.TrainSAEConfig
+    sc: SAEConfig
+    sae: SAE
+    device: str
+    source: "_Batches"
+    trainers: list
+    eval_on: str
+    eval_data: Tensor | None
+
+
+def _prepare_fit(data: Any, sae_config: SAEConfig | SAE, trainer_options: dict[str, Any]) -> _Fit:
+    """Split the options, check the data (and ``holdout`` / ``eval_data``, never both), build the SAE (fresh,
+    seeded like train_sae's first SAE, or the one given) on its device and its trainer."""
     from .models import resolve_device
-    from .sae_trainer import SAETrainer, TrainSAEConfig, autocast_dtype, train_step, use_averaged_weights
+    from .sae_trainer import SAETrainer, TrainSAEConfig
 
     sae, sc = _sae_and_config(sae_config)
     holdout, eval_data, opts = _split_options(trainer_options)
@@ -74,6 +99,16 @@ def fit_sae(data: Tensor | Iterable[Tensor], sae_config: SAEConfig | SAE, **trai
         sae = SAE(sc, seed=tc.seed)  # train_sae seeds its (first) SAE the same way
     sae.to(device).train()
     trainers = [(NAME, SAETrainer(NAME, sae, tc, device))]
+    return _Fit(tc, sc, sae, device, source, trainers, eval_on, eval_data)
+
+
+def _fit_loop(fit: _Fit) -> tuple[list[dict[str, float]], int, Tensor]:
+    """One train-sae step per batch; returns the per-step history, the rows trained on and the last batch.
+    Raises :class:`SaetuneError` when ``data`` gave no batch."""
+    from tqdm.auto import tqdm
+    from .sae_trainer import autocast_dtype, train_step
+
+    tc, device, source = fit.tc, fit.device, fit.source
     autocast = autocast_dtype(tc, device)
     history: list[dict[str, float]] = []
     tokens = 0
@@ -81,7 +116,7 @@ def fit_sae(data: Tensor | Iterable[Tensor], sae_config: SAEConfig | SAE, **trai
     last = None
     for step, x in enumerate(source):
         x = x.to(device=device, dtype=torch.float32, non_blocking=True)
-        m = train_step(trainers, {NAME: x}, step, tc, autocast, stopped="training stopped")
+        m = train_step(fit.trainers, {NAME: x}, step, tc, autocast, stopped="training stopped")
         tokens += x.shape[0]
         history.append({"step": step + 1, "tokens": tokens, **{k: float(v) for k, v in m.items()}})
         if step % 10 == 0 or step + 1 == source.n_steps:
@@ -92,18 +127,27 @@ def fit_sae(data: Tensor | Iterable[Tensor], sae_config: SAEConfig | SAE, **trai
     if last is None:
         raise SaetuneError("fit_sae got no training batch: the iterable yielded no batches (or, with batch_size "
                            f"given, fewer than batch_size={tc.batch_size} rows)")
-    use_averaged_weights(trainers)
+    return history, tokens, last
+
+
+def _fit_metrics(fit: _Fit, data: Any, history: list[dict[str, float]], tokens: int, last: Tensor
+                 ) -> dict[str, Any]:
+    """Switch to the averaged weights (schedule-free) and measure the SAE in inference mode on ``fit.eval_on``'s
+    rows; returns ``fit_sae``'s metrics (its docstring)."""
+    from .sae_trainer import use_averaged_weights
+
+    use_averaged_weights(fit.trainers)
+    sae = fit.sae
     sae.eval()
-    if eval_on == "last batch":
+    if fit.eval_on == "last batch":
         final = evaluate_sae(sae, [last])
-    elif eval_on == "data (again)":
-        final = evaluate_sae(sae, (_check_batch(b, sc.d_in, j) for j, b in enumerate(data)))
+    elif fit.eval_on == "data (again)":
+        final = evaluate_sae(sae, (_check_batch(b, fit.sc.d_in, j) for j, b in enumerate(data)))
     else:
-        final = evaluate_sae(sae, (eval_data if eval_on != "data" else source.train).split(4096))
-    metrics = {**final, "eval_on": eval_on, "steps": len(history), "train_tokens": tokens,
-               "weights": "schedule-free averaged (optimizer.eval())" if tc.optimizer == "signum_sf" else "final",
-               "history": history}
-    return sae, metrics
+        final = evaluate_sae(sae, (fit.eval_data if fit.eval_on != "data" else fit.source.train).split(4096))
+    return {**final, "eval_on": fit.eval_on, "steps": len(history), "train_tokens": tokens,
+            "weights": "schedule-free averaged (optimizer.eval())" if fit.tc.optimizer == "signum_sf" else "final",
+            "history": history}
 
 
 @torch.no_grad()

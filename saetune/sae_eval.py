@@ -319,79 +319,126 @@ def ground_truth_eval(data, saes: Sequence[tuple[str, Any]], batch_rows: int = 2
 
 # ---- the verb ------------------------------------------------------------------------------------
 
+@dataclass
+class _EvalSAEInputs:
+    """What ``eval_sae``'s phases share: the SAEs and what they are evaluated on (a model, its tokens and each
+    SAE's hook point; or the ground truth's activations), resolved and checked before the run dir exists."""
+
+    specs: list[SAESpec]
+    saes: list
+    device: str
+    inputs: tuple  # what the manifest's input digest covers
+    n_eval: int  # evaluation tokens (ground truth: activation rows)
+    model_name: str = ""
+    model: Any = None
+    tok: Any = None
+    hps: list | None = None  # per SAE: its hook point (None with a ground truth)
+    chunks: torch.Tensor | None = None
+    data: Any = None  # the ground truth's activations and features
+
+
 def eval_sae(cfg: EvalSAEConfig, out: str | Path | None = None, resume: bool = False,
              overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Evaluate the SAEs of ``cfg`` into a run dir; returns the results by SAE label (also ``results.json``).
 
     Bad inputs are refused before the run dir is written: a missing or unloadable SAE (e.g. k ≥ d_sae), a hook
-    the model lacks, an SAE whose d_in is not the hook's width, data that gives no tokens."""
-    from .models import resolve_device
-    from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text
-    from .models import load_model
-    from .runs import RunDir, record_path
-    from .sae_quality import format_quality_table, quality_markdown, quality_table
+    the model lacks, an SAE whose d_in is not the hook's width, data that gives no tokens. Phases:
+    :func:`_prepare_eval_sae` (SAEs, model, tokens, hook points; every check), :func:`_measure_saes` (core
+    metrics, probes), :func:`_finish_eval_sae` (``results.json``, the table, densities, concepts)."""
+    from .runs import RunDir
+    from .sae_quality import format_quality_table
+
+    ev = _prepare_eval_sae(cfg)
+    run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=ev.device,
+                      inputs=ev.inputs)
+    with run:  # records a failure, Ctrl-C or SIGTERM (RunDir.fail_with)
+        if cfg.ground_truth:
+            run.add_input("ground_truth", cfg.ground_truth)
+        else:
+            run.add_input("model", ev.model_name)
+        for s in ev.specs:
+            run.add_input(f"sae:{s.label}", s.path)
+        ev.saes = [s.to(ev.device).eval() for s in ev.saes]
+        results, density, concepts = _measure_saes(cfg, ev, run)
+        table = _finish_eval_sae(cfg, ev, run, results, density, concepts)
+    print(format_quality_table(table))
+    print(f"\nrun dir: {run.path}")
+    return results
+
+
+def _prepare_eval_sae(cfg: EvalSAEConfig) -> _EvalSAEInputs:
+    """Load every SAE and what it is evaluated on: the ground truth's activations (no model), or the model, the
+    evaluation tokens and each SAE's hook point; raises :class:`SaetuneError` on any bad input."""
+    from .models import load_model, resolve_device
 
     specs = find_sae_specs(cfg.sae)
     saes = [_load_sae(s) for s in specs]
     device = resolve_device(cfg.device)
     if cfg.ground_truth:  # the synthetic activations are the evaluation data: no model
         data = _ground_truth(cfg, specs, saes)
-        model_name, tok, hps, n_eval = "", None, [None] * len(specs), int(data.activations.shape[0])
-        inputs = (cfg.ground_truth, *[s.path for s in specs])
-    else:
-        model_name = _model_name(cfg, specs, saes)
-        model, tok = load_model(model_name, dtype=cfg.model_dtype, device=device)
-        model.requires_grad_(False)
-        chunks = _eval_chunks(cfg, tok)
-        hps = _hook_points(model, cfg, specs, saes, chunks)
-        n_eval = int(chunks.numel())
-        inputs = (model_name, *[s.path for s in specs])
-    run = RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
-                      inputs=inputs)
-    with run:  # records a failure, Ctrl-C or SIGTERM (RunDir.fail_with)
+        return _EvalSAEInputs(specs, saes, device, (cfg.ground_truth, *[s.path for s in specs]),
+                              int(data.activations.shape[0]), hps=[None] * len(specs), data=data)
+    model_name = _model_name(cfg, specs, saes)
+    model, tok = load_model(model_name, dtype=cfg.model_dtype, device=device)
+    model.requires_grad_(False)
+    chunks = _eval_chunks(cfg, tok)
+    hps = _hook_points(model, cfg, specs, saes, chunks)
+    return _EvalSAEInputs(specs, saes, device, (model_name, *[s.path for s in specs]), int(chunks.numel()),
+                          model_name=model_name, model=model, tok=tok, hps=hps, chunks=chunks)
+
+
+def _measure_saes(cfg: EvalSAEConfig, ev: _EvalSAEInputs, run) -> tuple[dict, dict, list]:
+    """Every SAE's core metrics on the same tokens (or its ground-truth scores), then, unless ``--probe off``,
+    its sparse-probing columns; returns the results by label, the firing densities and the concept rows."""
+    with run.phase("core"):
         if cfg.ground_truth:
-            run.add_input("ground_truth", cfg.ground_truth)
+            results, density = ground_truth_eval(ev.data, [(s.label, sae) for s, sae in zip(ev.specs, ev.saes)],
+                                                 cfg.batch_seqs * cfg.context_size, cfg.density_bins)
         else:
-            run.add_input("model", model_name)
-        for s in specs:
-            run.add_input(f"sae:{s.label}", s.path)
-        saes = [s.to(device).eval() for s in saes]
-        with run.phase("core"):
-            if cfg.ground_truth:
-                results, density = ground_truth_eval(data, [(s.label, sae) for s, sae in zip(specs, saes)],
-                                                     cfg.batch_seqs * cfg.context_size, cfg.density_bins)
-            else:
-                results, density = core_eval(model, [(s.label, hp, sae) for s, hp, sae in zip(specs, hps, saes)],
-                                             chunks, cfg.batch_seqs, special_ids(tok) if cfg.exclude_special else (),
-                                             cfg.density_bins, progress=cfg.progress)
-        concepts: list = []  # per SAE: which latents carry which toy concept (the explorer's SAE quality page)
-        if not cfg.ground_truth and cfg.probe != "off":
-            toy = _is_toy(model_name, tok)
-            with run.phase("probe"):
-                for s, hp, sae in zip(specs, hps, saes):
-                    results[s.label].update(_probe_columns(cfg, model, tok, sae, hp.name, toy, s.label, concepts))
-        for s, hp, sae in zip(specs, hps, saes):
-            where = {"ground_truth": record_path(cfg.ground_truth, run.path)} if cfg.ground_truth else {
-                "hook": hp.name, "model": record_path(model_name, run.path)}
-            results[s.label] = {"label": s.label, "sae_path": record_path(s.path, run.path), **where,
-                                "d_sae": sae.d_sae, "k": sae.cfg.k, "architecture": sae.cfg.architecture,
-                                "definition": SAEBENCH_SOURCE, **results[s.label]}
-        table = quality_table(list(results.values()))
-        atomic_write_json(run.path / "results.json", results)
-        atomic_write_text(run.path / "quality.md", quality_markdown(table))
-        atomic_write_text(run.path / "quality.csv", table.to_csv(index=False))
-        atomic_save_safetensors(run.path / "feature_density.safetensors",
-                                {f"sae{i}": density[s.label].contiguous() for i, s in enumerate(specs)},
-                                metadata={f"sae{i}": s.label for i, s in enumerate(specs)})
-        written = ["results.json", "quality.md", "quality.csv", "feature_density.safetensors"]
-        if concepts:
-            import pandas as pd
-            frame = pd.concat(concepts, ignore_index=True)
-            atomic_write_text(run.path / "concepts.csv", frame[["sae", *frame.columns.drop("sae")]].to_csv(index=False))
-            written.append("concepts.csv")
-        for name in written:
-            run.add_artifact(name, name)
-        run.finish(definition=SAEBENCH_SOURCE, n_tokens=n_eval)
-    print(format_quality_table(table))
-    print(f"\nrun dir: {run.path}")
-    return results
+            results, density = core_eval(ev.model, [(s.label, hp, sae) for s, hp, sae in
+                                                     zip(ev.specs, ev.hps, ev.saes)],
+                                         ev.chunks, cfg.batch_seqs,
+                                         special_ids(ev.tok) if cfg.exclude_special else (),
+                                         cfg.density_bins, progress=cfg.progress)
+    concepts: list = []  # per SAE: which latents carry which toy concept (the explorer's SAE quality page)
+    if not cfg.ground_truth and cfg.probe != "off":
+        toy = _is_toy(ev.model_name, ev.tok)
+        with run.phase("probe"):
+            for s, hp, sae in zip(ev.specs, ev.hps, ev.saes):
+                results[s.label].update(_probe_columns(cfg, ev.model, ev.tok, sae, hp.name, toy, s.label,
+                                                       concepts))
+    return results, density, concepts
+
+
+def _finish_eval_sae(cfg: EvalSAEConfig, ev: _EvalSAEInputs, run, results: dict, density: dict,
+                     concepts: list):
+    """Put each SAE's identity first in its ``results`` entry (in place), write ``results.json``, the quality
+    table (``quality.md``, ``quality.csv``), ``feature_density.safetensors`` and, with probes, ``concepts.csv``;
+    finish the manifest; returns the table."""
+    from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+    from .runs import record_path
+    from .sae_quality import quality_markdown, quality_table
+
+    for s, hp, sae in zip(ev.specs, ev.hps, ev.saes):
+        where = {"ground_truth": record_path(cfg.ground_truth, run.path)} if cfg.ground_truth else {
+            "hook": hp.name, "model": record_path(ev.model_name, run.path)}
+        results[s.label] = {"label": s.label, "sae_path": record_path(s.path, run.path), **where,
+                            "d_sae": sae.d_sae, "k": sae.cfg.k, "architecture": sae.cfg.architecture,
+                            "definition": SAEBENCH_SOURCE, **results[s.label]}
+    table = quality_table(list(results.values()))
+    atomic_write_json(run.path / "results.json", results)
+    atomic_write_text(run.path / "quality.md", quality_markdown(table))
+    atomic_write_text(run.path / "quality.csv", table.to_csv(index=False))
+    atomic_save_safetensors(run.path / "feature_density.safetensors",
+                            {f"sae{i}": density[s.label].contiguous() for i, s in enumerate(ev.specs)},
+                            metadata={f"sae{i}": s.label for i, s in enumerate(ev.specs)})
+    written = ["results.json", "quality.md", "quality.csv", "feature_density.safetensors"]
+    if concepts:
+        import pandas as pd
+        frame = pd.concat(concepts, ignore_index=True)
+        atomic_write_text(run.path / "concepts.csv", frame[["sae", *frame.columns.drop("sae")]].to_csv(index=False))
+        written.append("concepts.csv")
+    for name in written:
+        run.add_artifact(name, name)
+    run.finish(definition=SAEBENCH_SOURCE, n_tokens=ev.n_eval)
+    return table
