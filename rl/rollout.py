@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from saetune.errors import SaetuneError
-from saetune.generation import SamplingParams, collect_stop_ids, hf_generate
+from saetune.generation import SamplingParams, collect_stop_ids, hf_generate, pad_token_id
 from saetune.rl.entropy import token_entropy
 
 __all__ = ["Rollout", "SampleParams", "cut_at_stop", "fused_kernel", "sample", "score"]
@@ -241,13 +241,6 @@ def _stop_ids(model, tokenizer, params: SampleParams) -> list[int]:
     return collect_stop_ids(tokenizer, gen_eos, params.stop_token_ids)
 
 
-def _pad_id(tokenizer) -> int:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise SaetuneError("the tokenizer has neither a pad nor an EOS token; batched sampling needs one")
-    return pad_id
-
-
 class _Sampler:
     """One :func:`sample` call: its fixed settings and, per prompt, the response so far (``responses``,
     ``pmask``, ``calls``, ``truncated``). A round generates for the active rows; a row whose response ends in a tool
@@ -255,7 +248,7 @@ class _Sampler:
 
     def __init__(self, model, tokenizer, prompts: list[list[int]], params: SampleParams, tool):
         self.model, self.tokenizer, self.prompts, self.params, self.tool = model, tokenizer, prompts, params, tool
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer, model)
         self.stop_ids = _stop_ids(model, tokenizer, params)
         max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.limit = params.max_total_tokens or max_positions

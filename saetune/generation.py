@@ -131,6 +131,21 @@ def collect_stop_ids(tokenizer, model_eos: Any, extra: Sequence[int]) -> list[in
     return ids
 
 
+def pad_token_id(tokenizer, model=None) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS token (the usual stand-in for
+    decoder-only models that ship without a pad token).
+
+    ``model`` only names the model in the error; it is not consulted for an id.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        owner = f" (for {type(model).__name__})" if model is not None else ""
+        raise SaetuneError(f"the tokenizer {type(tokenizer).__name__}{owner} has neither a pad nor an EOS token, "
+                           "and batched generation needs one to pad rows; set tokenizer.pad_token (or "
+                           "tokenizer.eos_token) before generating")
+    return pad_id
+
+
 def cut_response(token_ids: Sequence[int], stop_ids: Sequence[int], drop_ids: Sequence[int],
                  hit_cap: bool) -> tuple[list[int], int, bool]:
     """``(kept ids, n generated tokens, truncated)`` for one generated row.
@@ -221,9 +236,7 @@ class HFBackend:
             raise SaetuneError(f"batch_size={batch_size}; it must be at least 1")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.template = batch_size, template
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if self.pad_id is None:
-            raise SaetuneError("the tokenizer has neither a pad nor an EOS token; batched generation needs one")
+        self.pad_id = pad_token_id(tokenizer, model)
         self.device = next(model.parameters()).device
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self._warned_cap = False

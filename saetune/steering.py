@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .errors import SaetuneError
-from .generation import left_pad
+from .generation import collect_stop_ids, left_pad, pad_token_id
 
 MODES = ("record", "replace", "steer")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -515,18 +515,70 @@ class SteeredRow:
         return self.features[len(self.prompt_ids) + j]
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    out = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        out.add(tokenizer.eos_token_id)
-    return out
-
-
 def _cache_kwarg(model) -> str:
     import inspect
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+_UNSUPPORTED_GENERATE_KWARGS = ("num_beams", "num_beam_groups", "assistant_model", "prompt_lookup_num_tokens")
+
+
+def _encode_prompts(model: nn.Module, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
+                    add_special_tokens: bool) -> tuple[list[list[int]], int, int, torch.Tensor, torch.Tensor]:
+    """Phase 1 of :func:`generate`: ``(encoded, width, pad_id, input_ids, attention)``: each prompt as its token ids,
+    and the batch left-padded with ``pad_id`` (pad token, else EOS) to ``width`` on the model's device
+    (input_ids, attention [B, width])."""
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] if isinstance(p, str)
+               else [int(t) for t in p] for p in prompts]
+    if any(not e for e in encoded):
+        raise SaetuneError("a prompt encodes to no tokens; give every prompt some text")
+    width = max(len(e) for e in encoded)
+    pad_id = pad_token_id(tokenizer, model)
+    input_ids, attention = left_pad(encoded, pad_id)  # (B, P)
+    return encoded, width, pad_id, input_ids.to(device), attention.to(device)
+
+
+def _generate_recorded(model: nn.Module, pad_id: int, input_ids: torch.Tensor, attention: torch.Tensor,
+                       max_new_tokens: int, generate_kwargs: dict[str, Any],
+                       intervention: contextlib.AbstractContextManager) -> tuple[torch.Tensor, SAERecorder]:
+    """Phase 2 of :func:`generate`: run ``model.generate`` inside ``intervention`` (an :func:`intervene` context);
+    returns the sequences [B, P + N] and the recording. The last generated token is fed once more through the
+    returned cache so its latents are recorded too."""
+    width = input_ids.shape[1]
+    generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True}  # the cache comes back for the last step
+    with intervention as rec:
+        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_id, **generate_kwargs)
+        seqs = out.sequences  # (B, P + N)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        if seqs.shape[1] > width and cache is not None:  # the last token: one more step, so it is read too
+            full_mask = torch.cat([attention, torch.ones_like(seqs[:, width:])], dim=1)
+            pos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -1:]
+            model(input_ids=seqs[:, -1:], attention_mask=full_mask, position_ids=pos, use_cache=True,
+                  **{_cache_kwarg(model): cache})
+    return seqs, rec
+
+
+def _steered_rows(tokenizer, encoded: list[list[int]], width: int, seqs: torch.Tensor, rec,
+                  stop: set[int]) -> list[SteeredRow]:
+    """Phase 3 of :func:`generate`: one :class:`SteeredRow` per prompt, its response cut after the first ``stop``
+    token and its recorded positions shifted from the padded batch (``width - len(prompt)`` pads) to its own."""
+    rows = []
+    for r, e in enumerate(encoded):
+        pad = width - len(e)
+        new = seqs[r, width:].tolist()
+        cut = next((j + 1 for j, t in enumerate(new) if t in stop), len(new))
+        response = new[:cut]
+        n = len(e) + len(response)
+        feats = {p - pad: f for p, f in rec.by_position(r).items() if pad <= p < pad + n}
+        steered = [p - pad for p in rec.steered_positions(r) if pad <= p < pad + n]
+        rows.append(SteeredRow(list(e), response, tokenizer.decode(response, skip_special_tokens=False), feats,
+                               steered))
+    return rows
 
 
 @torch.no_grad()
@@ -540,7 +592,8 @@ def generate(model: nn.Module, tokenizer, prompts: str | Sequence[str] | Sequenc
 
     A prompt is a string or a list of token ids; several prompts run as one left-padded batch.
     ``mode="record"`` only records (``edits`` unused). The think tags come from the tokenizer unless given.
-    Returns one :class:`SteeredRow` per prompt, its response cut after the first stop token.
+    Returns one :class:`SteeredRow` per prompt, its response cut after the first stop token (the model's
+    generation-config EOS or the tokenizer's, :func:`saetune.generation.collect_stop_ids`).
     """
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
         prompts = [prompts]  # type: ignore[list-item]
@@ -549,45 +602,15 @@ def generate(model: nn.Module, tokenizer, prompts: str | Sequence[str] | Sequenc
         mode = "record"  # nothing to steer: a plain run that records
     if schedule.think_only and think_tags is None:
         think_tags = think_tag_ids(tokenizer)
-    for key in ("num_beams", "num_beam_groups", "assistant_model", "prompt_lookup_num_tokens"):
+    for key in _UNSUPPORTED_GENERATE_KWARGS:
         if generate_kwargs.get(key) not in (None, 1):
             raise SaetuneError(f"{key}={generate_kwargs[key]!r} is not supported while steering: each decoding step "
                                "must extend every row by one token in order (greedy or sampling)")
-    device = next(model.parameters()).device
-    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] if isinstance(p, str)
-               else [int(t) for t in p] for p in prompts]
-    if any(not e for e in encoded):
-        raise SaetuneError("a prompt encodes to no tokens; give every prompt some text")
-    width = max(len(e) for e in encoded)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise SaetuneError("the tokenizer has neither a pad nor an EOS token; generation needs one")
-    input_ids, attention = left_pad(encoded, pad_id)  # (B, P)
-    input_ids, attention = input_ids.to(device), attention.to(device)
+    encoded, width, pad_id, input_ids, attention = _encode_prompts(model, tokenizer, prompts, add_special_tokens)
     generate_kwargs.setdefault("do_sample", False)
-    stop = _stop_ids(model, tokenizer)
-    with intervene(model, sae, hook, edits if mode == "steer" else None, schedule, mode, top_k, think_tags) as rec:
-        generate_kwargs.update(return_dict_in_generate=True)  # the cache comes back for the last step
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_id, **generate_kwargs)
-        seqs = out.sequences  # (B, P + N)
-        cache = getattr(out, "cache", None)
-        if cache is None:
-            cache = getattr(out, "past_key_values", None)
-        if seqs.shape[1] > width and cache is not None:  # the last token: one more step, so it is read too
-            full_mask = torch.cat([attention, torch.ones_like(seqs[:, width:])], dim=1)
-            pos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -1:]
-            model(input_ids=seqs[:, -1:], attention_mask=full_mask, position_ids=pos, use_cache=True,
-                  **{_cache_kwarg(model): cache})
-    rows = []
-    for r, e in enumerate(encoded):
-        pad = width - len(e)
-        new = seqs[r, width:].tolist()
-        cut = next((j + 1 for j, t in enumerate(new) if t in stop), len(new))
-        response = new[:cut]
-        n = len(e) + len(response)
-        feats = {p - pad: f for p, f in rec.by_position(r).items() if pad <= p < pad + n}
-        steered = [p - pad for p in rec.steered_positions(r) if pad <= p < pad + n]
-        rows.append(SteeredRow(list(e), response, tokenizer.decode(response, skip_special_tokens=False), feats,
-                               steered))
-    return rows
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = set(collect_stop_ids(tokenizer, model_eos, ()))
+    intervention = intervene(model, sae, hook, edits if mode == "steer" else None, schedule, mode, top_k, think_tags)
+    seqs, rec = _generate_recorded(model, pad_id, input_ids, attention, max_new_tokens,
+                                   generate_kwargs, intervention)
+    return _steered_rows(tokenizer, encoded, width, seqs, rec, stop)
