@@ -95,6 +95,56 @@ def _yaxis_for(values: np.ndarray, log: bool) -> dict[str, Any]:
     return axis
 
 
+# One colour per run, by the run's position in ``runs`` (plotly's default qualitative order).
+_RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def _empty_figure(title: str | None):
+    """A short figure with only a title: nothing to draw, and the title says why."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.update_layout(title=title, height=200)
+    return fig
+
+
+def _finite_series(frames: dict[str, pd.DataFrame], keys: Sequence[str],
+                   x: str) -> dict[str, list[tuple[int, str, pd.DataFrame]]]:
+    """Metric → ``(run index, run, finite points)`` for each run logging that metric against ``x``.
+
+    Metrics (and runs) without a finite ``(x, y)`` point are absent.
+    """
+    series: dict[str, list[tuple[int, str, pd.DataFrame]]] = {}
+    for k in keys:
+        for n, (name, df) in enumerate(frames.items()):
+            if k in df and x in df:
+                d = pd.DataFrame({"x": _finite(df[x]), "y": _finite(df[k])}).dropna()
+                if len(d):
+                    series.setdefault(k, []).append((n, name, d))
+    return series
+
+
+def _draw_metric_panel(fig, k: str, runs: list[tuple[int, str, pd.DataFrame]], x: str, row: int, col: int,
+                       log: bool, in_legend: set[str]) -> None:
+    """Metric ``k``'s curves (one per run) in subplot ``(row, col)``; a run's first curve shows in the legend.
+
+    ``in_legend`` is the runs already in the legend; updated in place.
+    """
+    import plotly.graph_objects as go
+
+    for n, name, d in runs:
+        colour = _RUN_COLOURS[n % len(_RUN_COLOURS)]
+        fig.add_trace(go.Scatter(x=d["x"], y=d["y"], mode="lines" if len(d) > 1 else "markers",
+                                 name=esc(name), legendgroup=esc(name), showlegend=name not in in_legend,
+                                 line={"color": colour}, marker={"color": colour, "size": 8},
+                                 hovertemplate=esc(name) + f"<br>{esc(x)} %{{x}}<br>{esc(k)} %{{y:.4g}}"
+                                               "<extra></extra>"), row=row, col=col)
+        in_legend.add(name)
+    values = np.concatenate([d["y"].to_numpy(dtype=float) for _, _, d in runs])
+    fig.update_yaxes(row=row, col=col, **_yaxis_for(values, log))
+    fig.update_xaxes(title_text=x, row=row, col=col)
+
+
 def training_curves(runs: dict[str, Sequence[dict[str, Any]]], keys: Sequence[str] | None = None,
                     x: str = "step", log_y: Sequence[str] = ("loss", "fvu", "mse", "kl")):
     """One subplot per metric, each on its own y axis; one curve per run (``{run name: metrics rows}``).
@@ -104,7 +154,6 @@ def training_curves(runs: dict[str, Sequence[dict[str, Any]]], keys: Sequence[st
     nothing: the activation cache logs ``capture_seconds`` once). Metrics without a finite value
     against ``x`` are left out and named in the title.
     """
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     frames = {name: metrics_frame(rows) for name, rows in runs.items()}
@@ -112,42 +161,20 @@ def training_curves(runs: dict[str, Sequence[dict[str, Any]]], keys: Sequence[st
         keys = metric_keys([r for rows in runs.values() for r in rows])
     keys = list(keys)
     if not keys:
-        fig = go.Figure()
-        fig.update_layout(title="no metrics logged yet", height=200)
-        return fig
-    series: dict[str, list[tuple[int, str, pd.DataFrame]]] = {}  # metric → (run index, run, finite points)
-    for k in keys:
-        for n, (name, df) in enumerate(frames.items()):
-            if k in df and x in df:
-                d = pd.DataFrame({"x": _finite(df[x]), "y": _finite(df[k])}).dropna()
-                if len(d):
-                    series.setdefault(k, []).append((n, name, d))
+        return _empty_figure("no metrics logged yet")
+    series = _finite_series(frames, keys, x)
     drawn = [k for k in keys if k in series]
     left_out = [k for k in keys if k not in series]
     note = esc(f"not drawn, no finite value against {x}: {', '.join(left_out)}") if left_out else None
     if not drawn:
-        fig = go.Figure()
-        fig.update_layout(title=note, height=200)
-        return fig
+        return _empty_figure(note)
     cols = 2 if len(drawn) > 1 else 1
     nrows = math.ceil(len(drawn) / cols)
     fig = make_subplots(rows=nrows, cols=cols, subplot_titles=[esc(k) for k in drawn],
                         vertical_spacing=0.12 / max(1, nrows / 3))
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     in_legend: set[str] = set()
     for j, k in enumerate(drawn):
-        r, c = j // cols + 1, j % cols + 1
-        for n, name, d in series[k]:
-            colour = palette[n % len(palette)]
-            fig.add_trace(go.Scatter(x=d["x"], y=d["y"], mode="lines" if len(d) > 1 else "markers",
-                                     name=esc(name), legendgroup=esc(name), showlegend=name not in in_legend,
-                                     line={"color": colour}, marker={"color": colour, "size": 8},
-                                     hovertemplate=esc(name) + f"<br>{esc(x)} %{{x}}<br>{esc(k)} %{{y:.4g}}"
-                                                   "<extra></extra>"), row=r, col=c)
-            in_legend.add(name)
-        values = np.concatenate([d["y"].to_numpy(dtype=float) for _, _, d in series[k]])
-        fig.update_yaxes(row=r, col=c, **_yaxis_for(values, any(t in k for t in log_y)))
-        fig.update_xaxes(title_text=x, row=r, col=c)
+        _draw_metric_panel(fig, k, series[k], x, j // cols + 1, j % cols + 1, any(t in k for t in log_y), in_legend)
     fig.update_layout(height=260 * nrows + 40, margin={"l": 40, "r": 10, "t": 60 if note else 40, "b": 40},
                       title=note)
     return fig

@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 
@@ -51,6 +51,81 @@ def _type_name(tp: Any) -> str:
     return f"{name} or null" if optional else name
 
 
+def _coerce_literal(value: Any, base: Any, key: str) -> Any:
+    """Return the ``Literal`` choice equal to ``value`` (or to its string form), else name the choices."""
+    choices = typing.get_args(base)
+    for c in choices:
+        if value == c or (isinstance(value, str) and str(c) == value):
+            return c
+    raise SaetuneError(f"config key '{key}' has value {value!r}; valid values: {', '.join(map(repr, choices))}")
+
+
+def _coerce_list(value: Any, base: Any, key: str) -> list[Any]:
+    """A list from a list/tuple, a comma- or space-separated string, or a single item; items coerced."""
+    (arg, *_) = typing.get_args(base) or (Any,)
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    return [coerce(v, arg, key) for v in value]
+
+
+def _to_bool(value: Any, bad: Callable[[], SaetuneError]) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        return False
+    raise bad()
+
+
+def _to_int(value: Any, bad: Callable[[], SaetuneError]) -> int:
+    """Integers, integral floats and integral numeric strings (``"1e3"``, ``"10_000"``); never bools."""
+    if isinstance(value, bool):
+        raise bad()
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            f = float(value.replace("_", ""))
+        except ValueError:
+            raise bad() from None
+        if f.is_integer():
+            return int(f)
+    raise bad()
+
+
+def _to_float(value: Any, bad: Callable[[], SaetuneError]) -> float:
+    if isinstance(value, bool):
+        raise bad()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise bad() from None
+    raise bad()
+
+
+def _to_str(value: Any, bad: Callable[[], SaetuneError]) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise bad()
+
+
+# Scalar converters, checked by identity against the (non-optional) field type.
+_SCALAR_CONVERTERS: tuple[tuple[type, Callable[[Any, Callable[[], SaetuneError]], Any]], ...] = (
+    (bool, _to_bool),
+    (int, _to_int),
+    (float, _to_float),
+    (str, _to_str),
+)
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from YAML or a flag string) to ``tp`` or raise a SaetuneError naming ``key``."""
     base, optional = _unwrap_optional(tp)
@@ -59,61 +134,17 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         raise SaetuneError(f"config key '{key}' may not be null; expected {_type_name(tp)}")
     origin = typing.get_origin(base)
+    if origin is Literal:
+        return _coerce_literal(value, base, key)
+    if origin in (list, tuple):
+        return _coerce_list(value, base, key)
 
     def bad() -> SaetuneError:
         return SaetuneError(f"config key '{key}' has value {value!r}, expected {_type_name(tp)}")
 
-    if origin is Literal:
-        choices = typing.get_args(base)
-        for c in choices:
-            if value == c or (isinstance(value, str) and str(c) == value):
-                return c
-        raise SaetuneError(f"config key '{key}' has value {value!r}; valid values: {', '.join(map(repr, choices))}")
-    if origin in (list, tuple):
-        (arg, *_) = typing.get_args(base) or (Any,)
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [coerce(v, arg, key) for v in value]
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise bad()
-    if base is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-            except ValueError:
-                raise bad() from None
-            if f.is_integer():
-                return int(f)
-        raise bad()
-    if base is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if base is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
+    for scalar, convert in _SCALAR_CONVERTERS:
+        if base is scalar:
+            return convert(value, bad)
     if base is Any:
         return value
     raise bad()

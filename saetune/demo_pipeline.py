@@ -66,13 +66,9 @@ def _copy_shipped(dest: Path, src: Path, source_name: str) -> None:
     run.finish(source=source_name, stats={k: info.get(k) for k in ("accuracy", "train_seconds", "steps", "n_params")})
 
 
-def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run the demo pipeline into ``out`` (a parent dir of per-stage run dirs); returns the summary.
-
-    base → a stronger source (RL-trained, or the base pre-trained further) → the source's activations → an SAE on
-    them → SAE-Tuning of the base through that SAE → merge; controls: the same LoRA fine-tuning
-    without the SAE, on the traces and CoT-free; greedy exact-match accuracy of every model.
-    """
+def _prepare_parent(cfg: DemoConfig, out: str | Path | None, resume: bool, overwrite: bool) -> Path:
+    """The demo's parent dir, made ready: refused if it holds something and neither ``resume`` nor ``overwrite``,
+    emptied on ``overwrite`` (only a demo's own dir), and holding ``config.yaml`` for ``--resume``."""
     parent = Path(out) if out else default_run_dir("demo")
     if parent.exists() and any(parent.iterdir()) and not (resume or overwrite):
         raise SaetuneError(f"output dir {str(parent)!r} already holds a demo; pass --resume to continue it, "
@@ -86,42 +82,75 @@ def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, o
         from .config import dump_yaml
         from .io import atomic_write_text
         atomic_write_text(parent / "config.yaml", dump_yaml(cfg))
-    steps, dirs = demo_steps(cfg, parent)
-    times = run_steps(parent, steps, time_kept=True)  # a kept stage is timed too: the table lists every stage
-    source_dir, cache_dir, sae_dir, tune_dir = (dirs[k] for k in ("source", "cache", "sae", "tune"))
+    return parent
 
+
+# What the summary keeps from each stage's results.json.
+_SAE_SUMMARY_KEYS = ("hook", "d_sae", "k", "fvu", "l0", "dead_frac", "ce_clean", "ce_spliced", "ce_zero",
+                     "ce_loss_recovered", "kl_spliced", "train_tokens", "explained_variance", "ce_loss_score",
+                     "kl_div_score", "frac_alive", "n_tokens", "frac_alive_train", "n_alive_train_tokens",
+                     "dead_tokens", "dead_window_could_trigger", "note")
+_RL_SUMMARY_KEYS = ("accuracy_before", "accuracy_after", "entropy_before", "entropy_after", "steps", "train_seconds")
+_TUNE_SUMMARY_KEYS = ("steps", "tokens", "eval_loss_before", "eval_loss_after", "final_fvu", "tokens_per_s",
+                      "lora_layers")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _eval_accuracy(eval_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Label → greedy exact-match accuracy (``pass@1``), its 95% interval and ``n``, from each eval dir."""
     accuracy: dict[str, dict[str, Any]] = {}
-    for label, d in dirs["eval"].items():
-        r = json.loads((d / "eval" / "results.json").read_text())["toy"]
+    for label, d in eval_dirs.items():
+        r = _read_json(d / "eval" / "results.json")["toy"]
         accuracy[label] = {"accuracy": r["pass@1"], "ci95": r.get("ci95"), "n": r["n"]}
+    return accuracy
 
-    sae_results = json.loads((sae_dir / "results.json").read_text())
-    r = next(iter(sae_results.values()))
-    tune_res = json.loads((tune_dir / "results.json").read_text())
-    rl = {}
-    if cfg.source == "rl":
-        rr = json.loads((source_dir / "results.json").read_text())
-        rl = {k: rr.get(k) for k in ("accuracy_before", "accuracy_after", "entropy_before", "entropy_after", "steps",
-                                     "train_seconds")}
-    cache_summary = json.loads((cache_dir / "manifest.json").read_text()).get("summary", {})
+
+def _stage_costs(parent: Path) -> dict[str, Any]:
+    """Sub-run (relative to ``parent``) → its manifest's ``estimated_cost_usd`` (0.0 if none)."""
     cost = {}
     for p in sorted(parent.rglob("manifest.json")):
-        m = json.loads(p.read_text())
+        m = _read_json(p)
         cost[str(p.parent.relative_to(parent))] = m.get("estimated_cost_usd", 0.0)
-    summary = {
+    return cost
+
+
+def _summarise(cfg: DemoConfig, parent: Path, dirs: dict[str, Any], times: dict[str, float]) -> dict:
+    """The demo's summary, read back from the stages' run dirs (``dirs`` from :func:`demo_steps`)."""
+    source_dir, cache_dir, sae_dir, tune_dir = (dirs[k] for k in ("source", "cache", "sae", "tune"))
+    accuracy = _eval_accuracy(dirs["eval"])
+    r = next(iter(_read_json(sae_dir / "results.json").values()))
+    tune_res = _read_json(tune_dir / "results.json")
+    rl = {}
+    if cfg.source == "rl":
+        rr = _read_json(source_dir / "results.json")
+        rl = {k: rr.get(k) for k in _RL_SUMMARY_KEYS}
+    cache_summary = _read_json(cache_dir / "manifest.json").get("summary", {})
+    cost = _stage_costs(parent)
+    return {
         "accuracy": accuracy, "toy_accuracy": accuracy["base"]["accuracy"],
         "cache_tokens": cache_summary.get("n_tokens"), "cache_bytes_per_token": cache_summary.get("bytes_per_token"),
-        "sae": {k: r.get(k) for k in ("hook", "d_sae", "k", "fvu", "l0", "dead_frac", "ce_clean", "ce_spliced",
-                                      "ce_zero", "ce_loss_recovered", "kl_spliced", "train_tokens",
-                                      "explained_variance", "ce_loss_score", "kl_div_score", "frac_alive", "n_tokens",
-                                      "frac_alive_train", "n_alive_train_tokens", "dead_tokens",
-                                      "dead_window_could_trigger", "note")},
+        "sae": {k: r.get(k) for k in _SAE_SUMMARY_KEYS},
         "rl": rl,
-        "tune": {k: tune_res.get(k) for k in ("steps", "tokens", "eval_loss_before", "eval_loss_after", "final_fvu",
-                                              "tokens_per_s", "lora_layers")},
+        "tune": {k: tune_res.get(k) for k in _TUNE_SUMMARY_KEYS},
         "seconds": times, "total_seconds": round(sum(times.values()), 2), "cost_usd": cost,
         "stages": {name: record_path(parent / name, parent) for name in times},  # relative: the dir may move
     }
+
+
+def demo(cfg: DemoConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the demo pipeline into ``out`` (a parent dir of per-stage run dirs); returns the summary.
+
+    base → a stronger source (RL-trained, or the base pre-trained further) → the source's activations → an SAE on
+    them → SAE-Tuning of the base through that SAE → merge; controls: the same LoRA fine-tuning
+    without the SAE, on the traces and CoT-free; greedy exact-match accuracy of every model.
+    """
+    parent = _prepare_parent(cfg, out, resume, overwrite)
+    steps, dirs = demo_steps(cfg, parent)
+    times = run_steps(parent, steps, time_kept=True)  # a kept stage is timed too: the table lists every stage
+    summary = _summarise(cfg, parent, dirs, times)
     atomic_write_json(parent / "summary.json", summary)
     print(format_table(summary))
     print(f"\nrun dir: {parent}")

@@ -613,6 +613,72 @@ class _DataSource:
         return chunks[-self.cfg.eval_seqs:]
 
 
+def _trainer_summaries(trainers: list[tuple[str, SAETrainer]]) -> dict[str, dict[str, Any]]:
+    """Per SAE: its shape, hook and the training-time ``dead_frac`` (the start of :func:`evaluate_saes`'s record)."""
+    return {t.name: {"dead_frac": round(float(t.dead_mask().float().mean()), 6), "d_sae": t.sae.d_sae,
+                     "k": t.sae.cfg.k, "hook": hook, "architecture": t.sae.cfg.architecture}
+            for hook, t in trainers}
+
+
+def _add_dead_window(results: dict[str, dict[str, Any]], trainers: list[tuple[str, SAETrainer]],
+                     cfg: TrainSAEConfig, train_tokens: int) -> None:
+    """Whether the dead-latent window could trigger in ``train_tokens``, and the never-fired fraction."""
+    for hook, t in trainers:
+        r = results[t.name]
+        r["dead_tokens"] = cfg.dead_tokens
+        r["dead_window_could_trigger"] = train_tokens >= cfg.dead_tokens
+        if not r["dead_window_could_trigger"]:
+            r["note"] = (f"dead window could not trigger: dead_tokens={cfg.dead_tokens:,} > "
+                         f"{train_tokens:,} training tokens, so dead_frac is 0 by construction; see frac_alive")
+        silent = getattr(t, "tokens_since_fired", None)
+        if silent is not None and train_tokens > 0:
+            r["frac_never_fired_in_training"] = round(float((silent >= train_tokens).float().mean()), 6)
+
+
+def _add_train_alive(results: dict[str, dict[str, Any]], source: _DataSource,
+                     trainers: list[tuple[str, SAETrainer]], cfg: TrainSAEConfig, train_tokens: int) -> None:
+    """``frac_alive_train``: latents firing at least once over (up to 2²² of) the store's training tokens."""
+    from .sae_eval import fire_counts
+    from .sae_quality import density_stats, feature_density
+    counts, n = fire_counts({t.name: (hook, t.sae) for hook, t in trainers},
+                            source.store.iter_batches(sorted({h for h, _ in trainers}), cfg.batch_size,
+                                                      shuffle=cfg.shuffle, seed=cfg.seed),
+                            max_tokens=min(train_tokens, 1 << 22))
+    for name, c in counts.items():
+        results[name]["frac_alive_train"] = round(density_stats(feature_density(c, n))["frac_alive"], 6)
+        results[name]["n_alive_train_tokens"] = n
+
+
+def _add_training_liveness(results: dict[str, dict[str, Any]], source: _DataSource,
+                           trainers: list[tuple[str, SAETrainer]], cfg: TrainSAEConfig) -> None:
+    """The liveness facts that need the run's config: the dead window, never-fired and store-trained alive."""
+    train_tokens = (0 if cfg.skip_training else source.n_steps) * cfg.batch_size
+    _add_dead_window(results, trainers, cfg, train_tokens)
+    if getattr(source, "store", None) is not None and train_tokens > 0:
+        _add_train_alive(results, source, trainers, cfg, train_tokens)
+
+
+def _note_no_heldout(results: dict[str, dict[str, Any]]) -> None:
+    """Append to each ``note`` that there was no held-out text, and which command measures the metrics."""
+    for r in results.values():
+        r["note"] = "; ".join(filter(None, [r.get("note"), "no held-out text (eval_seqs 0): `saetune eval-sae "
+                                            "--sae RUN_DIR` measures ce_loss_score, kl_div_score, EV and alive"]))
+
+
+def _add_core_eval(results: dict[str, dict[str, Any]], source: _DataSource, trainers: list[tuple[str, SAETrainer]],
+                   ids_all: Any, batch_seqs: int) -> None:
+    """SAEBench's core metrics on the held-out ``ids_all`` (:func:`saetune.sae_eval.core_eval`), merged in."""
+    from .sae_eval import core_eval, special_ids
+    from .sae_quality import SAEBENCH_SOURCE
+    model = source._load_model()
+    evaluated, _ = core_eval(model, [(t.name, source.hps[hook], t.sae) for hook, t in trainers], ids_all,
+                             batch_seqs, special_ids(getattr(source, "tok", None)))
+    for name, r in evaluated.items():
+        results[name].update(r)
+        results[name].update({"n_eval_tokens": int(ids_all.numel()), "batch_seqs": batch_seqs,
+                              "definition": SAEBENCH_SOURCE})
+
+
 @torch.no_grad()
 def evaluate_saes(source: _DataSource, trainers: list[tuple[str, SAETrainer]], cfg: TrainSAEConfig,
                   batch_seqs: int = 8) -> dict[str, dict[str, Any]]:
@@ -631,42 +697,12 @@ def evaluate_saes(source: _DataSource, trainers: list[tuple[str, SAETrainer]], c
     not the averaged ones). A store-trained run also gets ``frac_alive_train``: latents firing at least once over
     (up to 2²² of) its training tokens with the saved weights.
     """
-    from .sae_eval import core_eval, fire_counts, special_ids
-    from .sae_quality import SAEBENCH_SOURCE, density_stats, feature_density
-    results = {t.name: {"dead_frac": round(float(t.dead_mask().float().mean()), 6), "d_sae": t.sae.d_sae,
-                        "k": t.sae.cfg.k, "hook": hook, "architecture": t.sae.cfg.architecture}
-               for hook, t in trainers}
+    results = _trainer_summaries(trainers)
     if cfg is not None:
-        train_tokens = (0 if cfg.skip_training else source.n_steps) * cfg.batch_size
-        for hook, t in trainers:
-            r = results[t.name]
-            r["dead_tokens"] = cfg.dead_tokens
-            r["dead_window_could_trigger"] = train_tokens >= cfg.dead_tokens
-            if not r["dead_window_could_trigger"]:
-                r["note"] = (f"dead window could not trigger: dead_tokens={cfg.dead_tokens:,} > "
-                             f"{train_tokens:,} training tokens, so dead_frac is 0 by construction; see frac_alive")
-            silent = getattr(t, "tokens_since_fired", None)
-            if silent is not None and train_tokens > 0:
-                r["frac_never_fired_in_training"] = round(float((silent >= train_tokens).float().mean()), 6)
-        if getattr(source, "store", None) is not None and train_tokens > 0:
-            counts, n = fire_counts({t.name: (hook, t.sae) for hook, t in trainers},
-                                    source.store.iter_batches(sorted({h for h, _ in trainers}), cfg.batch_size,
-                                                              shuffle=cfg.shuffle, seed=cfg.seed),
-                                    max_tokens=min(train_tokens, 1 << 22))
-            for name, c in counts.items():
-                results[name]["frac_alive_train"] = round(density_stats(feature_density(c, n))["frac_alive"], 6)
-                results[name]["n_alive_train_tokens"] = n
+        _add_training_liveness(results, source, trainers, cfg)
     ids_all = source.eval_data()
     if ids_all is None:
-        for r in results.values():
-            r["note"] = "; ".join(filter(None, [r.get("note"), "no held-out text (eval_seqs 0): `saetune eval-sae "
-                                                "--sae RUN_DIR` measures ce_loss_score, kl_div_score, EV and alive"]))
+        _note_no_heldout(results)
         return results
-    model = source._load_model()
-    evaluated, _ = core_eval(model, [(t.name, source.hps[hook], t.sae) for hook, t in trainers], ids_all,
-                             batch_seqs, special_ids(getattr(source, "tok", None)))
-    for name, r in evaluated.items():
-        results[name].update(r)
-        results[name].update({"n_eval_tokens": int(ids_all.numel()), "batch_seqs": batch_seqs,
-                              "definition": SAEBENCH_SOURCE})
+    _add_core_eval(results, source, trainers, ids_all, batch_seqs)
     return results
