@@ -164,21 +164,27 @@ def chunked_backward(ctx, g_ent: Tensor | None, g_lp: Tensor | None, dlogits) ->
             None, None, None)
 
 
-class LinearEntropyLogprob(torch.autograd.Function):
-    """(hidden, weight, bias, targets, temperature, ignore_index) → (entropy, logprob): the torch path,
-    explicit logits one row chunk at a time (``triton_entropy.LinearEntropyLogprobTriton`` is the Triton one)."""
+def entropy_function(forward_fn, dlogits_fn, name: str) -> type[torch.autograd.Function]:
+    """The autograd Function of ``linear_entropy_logprob`` on one path's two kernels: ``forward_fn(hidden, weight,
+    bias, targets, inv_temp, ignore_index) -> (ent, lp, lse)`` and ``dlogits_fn`` (∂logits of a row chunk, used by
+    :func:`chunked_backward`). Arguments (hidden, weight, bias, targets, temperature, ignore_index)."""
 
-    @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index):
         inv_temp = 1.0 / temperature
-        ent, lp, lse = _forward_torch(hidden, weight, bias, targets, inv_temp, ignore_index)
+        ent, lp, lse = forward_fn(hidden, weight, bias, targets, inv_temp, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, targets, ent, lse)
         ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
         return ent, lp
 
-    @staticmethod
     def backward(ctx, g_ent, g_lp):
-        return chunked_backward(ctx, g_ent, g_lp, dlogits_torch)
+        return chunked_backward(ctx, g_ent, g_lp, dlogits_fn)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+# the torch path: explicit logits one row chunk at a time (triton_entropy.LinearEntropyLogprobTriton: the Triton one)
+LinearEntropyLogprob = entropy_function(_forward_torch, dlogits_torch, "LinearEntropyLogprob")
 
 
 def linear_entropy_logprob_torch(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,

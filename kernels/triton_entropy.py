@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .entropy import check_inputs, chunked_backward
+from .entropy import check_inputs, entropy_function
 from .launch import empty, interpreting, next_pow2
 
 
@@ -162,21 +162,8 @@ def dlogits_triton(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
     return z
 
 
-class LinearEntropyLogprobTriton(torch.autograd.Function):
-    """(hidden, weight, bias, targets, temperature, ignore_index) → (entropy, logprob) by the kernels
-    above; same contract as ``entropy.LinearEntropyLogprob``."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index):
-        inv_temp = 1.0 / temperature
-        ent, lp, lse = forward_triton(hidden, weight, bias, targets, inv_temp, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, targets, ent, lse)
-        ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
-        return ent, lp
-
-    @staticmethod
-    def backward(ctx, g_ent, g_lp):
-        return chunked_backward(ctx, g_ent, g_lp, dlogits_triton)
+# the Triton path: the kernels above, same contract as ``entropy.LinearEntropyLogprob``
+LinearEntropyLogprobTriton = entropy_function(forward_triton, dlogits_triton, "LinearEntropyLogprobTriton")
 
 
 def linear_entropy_logprob_triton(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
