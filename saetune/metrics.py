@@ -32,18 +32,41 @@ def l0(acts: Tensor) -> Tensor:
     return (acts > 0).float().sum(-1).mean()
 
 
+def ablation_score(with_ablation: float, with_sae: float, reference: float) -> float:
+    """``(with_ablation − with_sae) / (with_ablation − reference)``; NaN when the ablation changes nothing."""
+    denom = with_ablation - reference
+    return float("nan") if abs(denom) < 1e-12 else (with_ablation - with_sae) / denom
+
+
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
-    denom = ce_zero - ce_clean
-    return float("nan") if abs(denom) < 1e-12 else (ce_zero - ce_sae) / denom
+    """(CE_zero − CE_sae) / (CE_zero − CE_clean) (SAEBench's ``ce_loss_score``)."""
+    return ablation_score(ce_zero, ce_sae, ce_clean)
+
+
+def ce_per_position(logits: Tensor, ids: Tensor) -> Tensor:
+    """[B, T−1] next-token cross-entropy (float32) of [B, T, V] logits on [B, T] ids."""
+    B, T, V = logits.shape
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1),
+                           reduction="none").view(B, T - 1)
 
 
 def next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
     """Mean next-token cross-entropy of [B, T, V] logits on [B, T] ids."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return ce_per_position(logits, ids).mean()
+
+
+def kl_from_logp(logp_clean: Tensor, logits: Tensor) -> Tensor:
+    """[..., V] → [...]: KL(P_clean ‖ P) = Σ_v p_clean (log p_clean − log p), P_clean given as float32 log-probs
+    (computed once when several ``logits`` are compared with one clean run)."""
+    lq = logits.float().log_softmax(-1)
+    return (logp_clean.exp() * (logp_clean - lq)).sum(-1)
+
+
+def kl_per_position(clean_logits: Tensor, logits: Tensor) -> Tensor:
+    """[..., V] → [...]: KL(P_clean ‖ P) per position, in float32."""
+    return kl_from_logp(clean_logits.float().log_softmax(-1), logits)
 
 
 def kl_per_token(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """Mean over tokens of KL(p ‖ q) for [..., V] logits."""
-    lp = logits_p.float().log_softmax(-1)
-    lq = logits_q.float().log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1).mean()
+    return kl_per_position(logits_p, logits_q).mean()

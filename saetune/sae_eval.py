@@ -26,7 +26,7 @@ import torch
 from .config import opt
 from .data import DataConfig
 from .errors import SaetuneError
-from .sae_quality import SAEBENCH_SOURCE, CoreMetrics, keep_mask
+from .sae_quality import SAEBENCH_SOURCE, CoreMetrics, keep_mask, reference_terms
 
 STAGE = "eval-sae"
 
@@ -122,6 +122,7 @@ def core_eval(model, saes: Sequence[tuple[str, Any, Any]], ids_all: torch.Tensor
         for group in by_hook.values():  # one hook's zero-ablated logits at a time: [B, T, V] each is large
             with replace_activation(model, group[0][1], torch.zeros_like):
                 zero = model(input_ids=ids, use_cache=False).logits
+            ref = reference_terms(clean, zero, ids)  # once for every SAE on this hook
             for name, hp, sae in group:
                 cap: dict[str, torch.Tensor] = {}
 
@@ -134,9 +135,9 @@ def core_eval(model, saes: Sequence[tuple[str, Any, Any]], ids_all: torch.Tensor
 
                 with replace_activation(model, hp, splice):
                     spliced = model(input_ids=ids, use_cache=False).logits
-                acc[name].add_batch(ids, keep, clean, spliced, zero, cap["x"], cap["acts"], cap["x_hat"])
+                acc[name].add_batch(ids, keep, clean, spliced, zero, cap["x"], cap["acts"], cap["x_hat"], ref)
                 del spliced, cap
-            del zero
+            del zero, ref
     results = {name: {**a.result(bins), "n_positions": int(ids_all.numel()), "ignored_token_ids": ignore}
                for name, a in acc.items()}
     return results, {name: a.density().float() for name, a in acc.items()}

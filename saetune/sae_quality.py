@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .metrics import ablation_score, ce_loss_recovered, ce_per_position, kl_from_logp, kl_per_position  # noqa: F401
+
 SAEBENCH_SOURCE = "SAEBench 0.5.0, sae_bench/evals/core/main.py @ 10e0728"
 
 
@@ -64,20 +66,6 @@ def keep_mask(ids: Tensor, ignore_ids: Iterable[int] = ()) -> Tensor:
     return keep
 
 
-def ce_per_position(logits: Tensor, ids: Tensor) -> Tensor:
-    """[B, T−1] next-token cross-entropy (float32) of [B, T, V] logits on [B, T] ids."""
-    B, T, V = logits.shape
-    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1),
-                           reduction="none").view(B, T - 1)
-
-
-def kl_per_position(clean_logits: Tensor, logits: Tensor) -> Tensor:
-    """[..., V] → [...]: KL(P_clean ‖ P) = Σ_v p_clean (log p_clean − log p), in float32."""
-    lp = clean_logits.float().log_softmax(-1)
-    lq = logits.float().log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
-
-
 def explained_variance_per_token(x: Tensor, x_hat: Tensor) -> Tensor:
     """[N, d] → [N]: ``1 − ‖x_t − x̂_t‖² / ‖x_t − x̄‖²`` with x̄ the mean of these N tokens (SAEBench's code).
 
@@ -87,20 +75,14 @@ def explained_variance_per_token(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - resid / total.clamp_min(1e-12)
 
 
-def score(with_ablation: float, with_sae: float, reference: float) -> float:
-    """``(with_ablation − with_sae) / (with_ablation − reference)``; NaN when ablation changes nothing."""
-    denom = with_ablation - reference
-    return float("nan") if abs(denom) < 1e-12 else (with_ablation - with_sae) / denom
-
-
 def ce_loss_score(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
     """SAEBench's ``(CE_zero − CE_sae) / (CE_zero − CE_clean)``: 1 = perfect SAE, 0 = as bad as zero ablation."""
-    return score(ce_zero, ce_sae, ce_clean)
+    return ce_loss_recovered(ce_clean, ce_sae, ce_zero)
 
 
 def kl_div_score(kl_sae: float, kl_zero: float) -> float:
     """SAEBench's ``(KL_zero − KL_sae) / KL_zero``: 1 = the SAE changes no prediction, 0 = as far as zeros."""
-    return score(kl_zero, kl_sae, 0.0)
+    return ablation_score(kl_zero, kl_sae, 0.0)
 
 
 # ---- feature density ------------------------------------------------------------------------------
@@ -156,6 +138,15 @@ def density_histogram(density: Tensor, n_tokens: int, bins: int = 40) -> dict[st
 
 # ---- the accumulator ------------------------------------------------------------------------------
 
+@torch.no_grad()
+def reference_terms(clean_logits: Tensor, zero_logits: Tensor, ids: Tensor) -> dict[str, Tensor]:
+    """What every SAE on one hook compares against, per position: the clean run's log-probs (``logp_clean``),
+    ``ce_clean``, ``ce_zero`` and ``kl_zero`` (KL(clean ‖ zero-ablated))."""
+    logp_clean = clean_logits.float().log_softmax(-1)
+    return {"logp_clean": logp_clean, "ce_clean": ce_per_position(clean_logits, ids),
+            "ce_zero": ce_per_position(zero_logits, ids), "kl_zero": kl_from_logp(logp_clean, zero_logits)}
+
+
 class CoreMetrics:
     """Sums over evaluation batches for one SAE; :meth:`result` gives the metrics above.
 
@@ -180,18 +171,21 @@ class CoreMetrics:
 
     @torch.no_grad()
     def add_batch(self, ids: Tensor, keep: Tensor, clean_logits: Tensor | None, sae_logits: Tensor | None,
-                  zero_logits: Tensor | None, x: Tensor, acts: Tensor, x_hat: Tensor) -> None:
+                  zero_logits: Tensor | None, x: Tensor, acts: Tensor, x_hat: Tensor,
+                  reference: dict[str, Tensor] | None = None) -> None:
         """One batch: ``ids``/``keep`` [B, T]; logits [B, T, V] (None: no downstream metrics); the hook's
-        activations ``x`` [B, T, d] (or [B·T, d]), the SAE's latents ``acts`` [.., d_sae] and ``x_hat``."""
+        activations ``x`` [B, T, d] (or [B·T, d]), the SAE's latents ``acts`` [.., d_sae] and ``x_hat``.
+        ``reference``: :func:`reference_terms` of this batch's clean and zero-ablated logits, when several SAEs
+        share them (computed here otherwise)."""
         B, T = ids.shape
         keep = keep.to(ids.device)
         if clean_logits is not None:
+            ref = reference if reference is not None else reference_terms(clean_logits, zero_logits, ids)
             ce_keep = keep[:, :-1]  # SAEBench: a CE position is kept when its input token is
-            for name, lg in (("ce_clean", clean_logits), ("ce_sae", sae_logits), ("ce_zero", zero_logits)):
-                ce = ce_per_position(lg, ids)
+            per_pos = {"ce_clean": ref["ce_clean"], "ce_sae": ce_per_position(sae_logits, ids), "ce_zero": ref["ce_zero"]}
+            for name, ce in per_pos.items():
                 self._add(name, ce[ce_keep].double().sum(), ce_keep.sum())
-            for name, lg in (("kl_sae", sae_logits), ("kl_zero", zero_logits)):
-                kl = kl_per_position(clean_logits, lg)
+            for name, kl in (("kl_sae", kl_from_logp(ref["logp_clean"], sae_logits)), ("kl_zero", ref["kl_zero"])):
                 self._add(name, kl[keep].double().sum(), keep.sum())
         k = keep.reshape(-1).to(x.device)
         n = int(k.sum())
