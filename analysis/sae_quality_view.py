@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from saetune.sae_quality import column_meanings, quality_table
+from saetune.sae_quality import column_meanings
 
 from .html import esc
 from .rundirs import Discovery, discover, read_json
@@ -48,11 +48,6 @@ def quality_rows(d: Discovery | str | Path) -> tuple[list[dict[str, Any]], list[
             problems.append(f"{r.name}: its results.json predates the SAEBench metrics (no ce_loss_score, "
                             "kl_div_score, frac_alive); `saetune eval-sae --sae " + str(r.path) + "` measures them")
     return rows, problems
-
-
-def quality_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """The quality table of ``rows`` (:func:`saetune.sae_quality.quality_table`)."""
-    return quality_table(list(rows))
 
 
 def meanings_markdown(df: pd.DataFrame) -> str:

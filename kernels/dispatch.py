@@ -153,9 +153,7 @@ def linear_entropy_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     """(entropy, logprob), both float32 [N], of softmax((hidden·weightᵀ + bias) / temperature) — maths in
     ``entropy``'s docstring; logprob 0 where ``targets`` is ``ignore_index``. Differentiable in hidden,
     weight and bias (both outputs). Triton on CUDA (logits never written), the chunked torch algorithm
-    elsewhere (``SAETUNE_KERNELS`` overrides)."""
-    from .entropy import check_inputs
-    check_inputs(hidden, weight, targets, bias, temperature)
+    elsewhere (``SAETUNE_KERNELS`` overrides). Both paths check their inputs first (``entropy.check_inputs``)."""
     if use_triton(*[hidden, weight] + ([bias] if bias is not None else [])):
         from .triton_entropy import linear_entropy_logprob_triton
         return linear_entropy_logprob_triton(hidden, weight, targets, bias, temperature, ignore_index)

@@ -271,7 +271,8 @@ def batch_topk_torch(pre: Tensor, k: int) -> Tensor:
 
 
 def batch_topk_threshold_torch(pre: Tensor, keep: int) -> Tensor:
-    """θ = the ``keep``-th largest ReLU(pre) over the whole tensor (``triton_topk.batch_topk_threshold_triton``)."""
+    """θ = the ``keep``-th largest ReLU(pre) over the whole tensor: the reference of
+    ``triton_topk.batch_topk_threshold_triton`` and its test oracle."""
     return pre.detach().float().relu().reshape(-1).topk(keep, sorted=False).values.min()
 
 

@@ -110,7 +110,7 @@ def _fit_loop(fit: _Fit) -> tuple[list[dict[str, float]], int, Tensor]:
 
     tc, device, source = fit.tc, fit.device, fit.source
     autocast = autocast_dtype(tc, device)
-    history: list[dict[str, float]] = []
+    rows: list[tuple[int, int, dict[str, Tensor]]] = []  # detached metrics: no host sync per step
     tokens = 0
     bar = tqdm(total=source.n_steps, desc="fit_sae", unit="step", disable=not tc.progress)
     last = None
@@ -118,12 +118,13 @@ def _fit_loop(fit: _Fit) -> tuple[list[dict[str, float]], int, Tensor]:
         x = x.to(device=device, dtype=torch.float32, non_blocking=True)
         m = train_step(fit.trainers, {NAME: x}, step, tc, autocast, stopped="training stopped")
         tokens += x.shape[0]
-        history.append({"step": step + 1, "tokens": tokens, **{k: float(v) for k, v in m.items()}})
-        if step % 10 == 0 or step + 1 == source.n_steps:
-            bar.set_postfix({k: f"{history[-1][k]:.3g}" for k in ("fvu", "l0")})
+        rows.append((step + 1, tokens, m))
+        if tc.progress and (step % 10 == 0 or step + 1 == source.n_steps):
+            bar.set_postfix({k: f"{float(m[k]):.3g}" for k in ("fvu", "l0")})
         bar.update(1)
         last = x
     bar.close()
+    history = [{"step": n, "tokens": t, **{k: float(v) for k, v in m.items()}} for n, t, m in rows]
     if last is None:
         raise SaetuneError("fit_sae got no training batch: the iterable yielded no batches (or, with batch_size "
                            f"given, fewer than batch_size={tc.batch_size} rows)")

@@ -356,14 +356,14 @@ def ground_truth_scores(sae, data: GroundTruthData | str | Path, batch_size: int
     match = best_matches(W, data.feature_vectors)
     counts = {key: torch.zeros(W.shape[0], dtype=torch.long) for key in ("tp", "fp", "fn", "tn")}
     fired = torch.zeros(W.shape[0], dtype=torch.bool)
-    sq_err, l0_sum = 0.0, 0.0
+    x_hats, l0_sum = [], 0.0
     x_all = data.activations
     for start in range(0, x_all.shape[0], batch_size):
         x = x_all[start:start + batch_size]
         f = sae.encode(x.to(device)).float()
         x_hat = sae.decode(f).float().cpu()
         f = f.cpu()
-        sq_err += float((x.double() - x_hat.double()).pow(2).sum())
+        x_hats.append(x_hat)
         l0_sum += float((f != 0).sum())
         fired |= (f != 0).any(0)
         for key, v in firing_counts(f, data.feature_acts[start:start + batch_size], match).items():
@@ -371,10 +371,9 @@ def ground_truth_scores(sae, data: GroundTruthData | str | Path, batch_size: int
     if was_training:
         sae.train()
     n = x_all.shape[0]
-    total = float((x_all.double() - x_all.double().mean(0)).pow(2).sum())
     p, r, f1 = f1_from_counts(counts["tp"], counts["fp"], counts["fn"])
     return {"mcc": mcc(W, data.feature_vectors), "f1_mean": float(f1.mean()), "precision_mean": float(p.mean()),
             "recall_mean": float(r.mean()), "uniqueness": uniqueness(W, data.feature_vectors),
-            "explained_variance": 1 - sq_err / total, "l0": l0_sum / n,
+            "explained_variance": explained_variance(x_all, torch.cat(x_hats)), "l0": l0_sum / n,
             "true_l0": float((data.feature_acts > 0).float().sum(-1).mean()),
             "dead_frac": float((~fired).float().mean()), "n_samples": n}

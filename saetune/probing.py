@@ -240,6 +240,7 @@ def probe_texts(n_problems: int, seed: int, check_prob: float = 0.3) -> list[str
 @torch.no_grad()
 def collect_probe_data(model, tokenizer, hook: str, texts: Sequence[str], batch_size: int = 64) -> ProbeData:
     """Run ``model`` over ``texts`` and keep the activation at ``hook`` at every step's ``=``."""
+    from .generation import pad_token_id
     from .models import resolve_hook, run_to_hooks
 
     if not getattr(tokenizer, "is_fast", False):
@@ -247,7 +248,7 @@ def collect_probe_data(model, tokenizer, hook: str, texts: Sequence[str], batch_
                            "through offset mappings)")
     hp = resolve_hook(model, hook)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer, model)  # padded positions are masked: any real id will do
     was_training = model.training
     model.eval()
     acts, problems, labels = [], [], {c: [] for c in CONCEPTS}

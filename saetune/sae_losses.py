@@ -204,30 +204,39 @@ def matryoshka_reconstructions(acts: Tensor, W_dec: Tensor, b_dec: Tensor, width
     return out
 
 
+def _matryoshka_errors(x: Tensor, acts: Tensor, W_dec: Tensor, b_dec: Tensor, widths: list[int],
+                       total_variance: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+    """([‖x − x̂_i‖² per prefix], TV clamped to ≥ 1e-12, x̂_n) in float32; shared by :func:`matryoshka_loss`
+    and :func:`matryoshka_batchtopk_loss` so each term is computed once."""
+    x = x.float()
+    tv = (x - x.mean(0)).pow(2).sum() if total_variance is None else total_variance
+    tv = tv.clamp_min(1e-12)
+    recons = matryoshka_reconstructions(acts, W_dec, b_dec, widths)
+    return [(x_hat.float() - x).pow(2).sum() for x_hat in recons], tv, recons[-1]
+
+
 def matryoshka_loss(x: Tensor, acts: Tensor, W_dec: Tensor, b_dec: Tensor, widths: list[int],
                     total_variance: Tensor | None = None) -> tuple[Tensor, list[Tensor], Tensor]:
     """(loss, [FVU_i per prefix], x̂ of the whole dictionary) for ``x`` [B, d_in] and BatchTopK ``acts`` [B, d_sae].
 
     loss = Σ_i ‖x − x̂_i‖² / TV with TV = Σ_b ‖x_b − x̄‖² (``total_variance``, computed from ``x`` if None)."""
-    x = x.float()
-    tv = (x - x.mean(0)).pow(2).sum() if total_variance is None else total_variance
-    tv = tv.clamp_min(1e-12)
-    recons = matryoshka_reconstructions(acts, W_dec, b_dec, widths)
-    fvus = [(x_hat.float() - x).pow(2).sum() / tv for x_hat in recons]
-    return torch.stack(fvus).sum(), fvus, recons[-1]
+    sses, tv, x_hat = _matryoshka_errors(x, acts, W_dec, b_dec, widths, total_variance)
+    fvus = [sse / tv for sse in sses]
+    return torch.stack(fvus).sum(), fvus, x_hat
 
 
 def matryoshka_batchtopk_loss(x: Tensor, pre: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
                               widths: list[int]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Matryoshka BatchTopK SAE: (loss = Σ_i FVU_i, terms, f [B, d_sae]) with f BatchTopK's selection from
-    ``pre`` and the prefixes ``widths`` (:func:`matryoshka_loss`). terms: ``mse``, ``fvu_<m_i>`` for every prefix
-    but the whole dictionary (detached), ``fvu`` (of the whole dictionary's x̂)."""
+    ``pre`` and the prefixes ``widths`` (:func:`matryoshka_loss`). terms: ``mse`` = ‖x − x̂_n‖² / B,
+    ``fvu_<m_i>`` for every prefix but the whole dictionary (detached), ``fvu`` (of the whole dictionary's x̂)."""
     from saetune.kernels import batch_topk
     acts = batch_topk(pre, k)
-    loss, fvus, x_hat = matryoshka_loss(x, acts, W_dec, b_dec, widths)
-    mse, fvu = _reconstruction_terms(x, x_hat)
+    sses, tv, _ = _matryoshka_errors(x, acts, W_dec, b_dec, widths, None)
+    fvus = [sse / tv for sse in sses]
     prefixes = {f"fvu_{width}": fv.detach() for width, fv in zip(widths[:-1], fvus)}
-    return loss, {"mse": mse.detach(), **prefixes, "fvu": fvu}, acts
+    mse = sses[-1].detach() / x.shape[0]
+    return torch.stack(fvus).sum(), {"mse": mse, **prefixes, "fvu": fvus[-1]}, acts
 
 
 # ---- BatchTopK's inference threshold ------------------------------------------------------------

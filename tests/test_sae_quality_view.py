@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from saetune.analysis import sae_quality_view as qv
+from saetune.sae_quality import quality_table
 
 APP = Path(__file__).resolve().parents[1] / "app"
 HOOK = "model.layers.2"
@@ -58,7 +59,7 @@ def test_rows_and_table_of_a_pipeline_dir(pipeline):
     assert labels[:2] == ["old-sae", f"quality: {s0}"] and labels[2] == f"quality: {s1}"
     assert labels[3:] == [f"sae/{HOOK}.w64.k4", f"sae/{XSS}"]  # tune's results.json is no SAE's
     assert any("old-sae" in p and "predates" in p for p in problems)
-    df = qv.quality_frame(rows)
+    df = quality_table(rows)
     assert list(df["sae"]) == labels and "alive (train)" in df.columns and "note" in df.columns
     assert df.loc[df["sae"] == f"sae/{HOOK}.w64.k4", "ce_loss_score"].item() == 0.9
     real = df[df["sae"] == f"quality: {s0}"].iloc[0]

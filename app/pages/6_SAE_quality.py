@@ -17,9 +17,9 @@ if d is not None:
             st.info("No SAE results here yet: `saetune eval-sae --sae SAE_DIR [SAE_DIR …]` writes them (for any SAE "
                     "on any model), and every `saetune train-sae` run's results.json holds them too.")
         else:
-            table = qv.quality_frame(rows)
+            from saetune.sae_quality import SAEBENCH_SOURCE, quality_table
+            table = quality_table(rows)
             st.dataframe(table, hide_index=True)
-            from saetune.sae_quality import SAEBENCH_SOURCE
             with st.expander("what the columns mean"):
                 st.markdown(qv.meanings_markdown(table))
                 st.caption(f"Definitions as {SAEBENCH_SOURCE} computes them (KL(clean ‖ spliced), zero-ablation "
