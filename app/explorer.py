@@ -57,12 +57,11 @@ if d is not None:
             where = st.text_input("schedule", "always", key="steer_schedule")
             if st.button("generate", key="steer_run"):
                 from saetune.analysis.live import steered_continuation
-                from saetune.steering import Schedule, add, clamp, parse_steer
+                from saetune.steering import Schedule, edits_from_items
                 with ui.guard("the steered generation"), st.spinner("generating …"):
                     m, tok, sae = ui.model_and_sae(model_path, sae_path)
                     items = lambda s: [x for x in s.split(",") if x.strip()]  # noqa: E731
-                    edits = ([clamp(f, v) for f, v in parse_steer(items(clamps)).items()]
-                             + [add(f, a) for f, a in parse_steer(items(adds)).items()])
+                    edits = edits_from_items(items(clamps), items(adds))
                     st.session_state["steer_result"] = steered_continuation(
                         m, tok, sae, hook, text, edits=edits, schedule=Schedule.parse(where), max_new_tokens=32)
             steered = st.session_state.get("steer_result")

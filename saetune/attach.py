@@ -23,9 +23,8 @@ from torch import nn
 from .config import opt
 from .errors import SaetuneError
 from .io import atomic_replace_dir, atomic_write_text
-from .merging import (ADAPTER_CONFIG, CARD_PATHS, MergeConfig, _tune_provenance, adapter_shapes,  # noqa: F401
-                      check_adapter_fits, merge, merge_adapter, model_card, recorded_card,  # (re-exported)
-                      resolve_adapter)
+from .merging import (ADAPTER_CONFIG, MergeConfig, _tune_provenance, adapter_shapes,  # noqa: F401 (re-exported)
+                      check_adapter_fits, merge, merge_adapter, model_card, resolve_adapter)
 from .runs import RunDir, record_path, resolve_recorded
 from .steering import (SAERecorder, Schedule, as_edits, intervene, parse_steer,  # noqa: F401 (re-exported)
                        steer_activation)
@@ -67,9 +66,8 @@ class AttachConfig:
 
     def edits(self) -> list:
         """The steer (clamp) and add items as :class:`saetune.steering.LatentEdit` values."""
-        from .steering import add, clamp
-        return ([clamp(f, v) for f, v in parse_steer(self.steer).items()]
-                + [add(f, a) for f, a in parse_steer(self.add).items()])
+        from .steering import edits_from_items
+        return edits_from_items(self.steer, self.add)
 
 
 def attach(cfg: AttachConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict:
@@ -126,8 +124,6 @@ def attach_sae(model: nn.Module, sae, hook: str | None = None, mode: str = "reco
     default; ``schedule`` limits it (:class:`saetune.steering.Schedule`). Works with generation and the KV cache
     (each decoding step records its new positions): :func:`saetune.steering.intervene` does the work.
     """
-    if mode == "steer" and not steer:
-        raise SaetuneError("mode 'steer' needs features to steer (steer={feature: value})")
     return intervene(model, sae, hook, steer if mode == "steer" else None, schedule, mode, top_k)
 
 

@@ -185,7 +185,8 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], params: SamplingPara
                 stopping_criteria: Any = None) -> list[list[int]]:
     """One HF ``model.generate`` call over ``prompt_ids`` as a left-padded batch; each row's new tokens.
 
-    The one HF generation path (evaluation's :class:`HFBackend`, RL's rollouts, the toy's evaluation):
+    The HF generation path for evaluation (:class:`HFBackend`), RL's rollouts and the toy's evaluation; steering
+    (:func:`saetune.steering.generate`) calls ``generate`` itself, for the KV cache:
 
     - rows are left-padded with ``pad_id`` under an attention mask (HF derives position ids from the mask);
     - ``params.temperature == 0`` is greedy; otherwise sampling at ``temperature`` and ``top_p`` with no top-k cut

@@ -11,7 +11,6 @@ transformer-lens models through their own HookPoints (``model.hook_dict``), so T
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SaetuneError
-from .models import (ATTN_MODULE_NAMES, MLP_MODULE_NAMES, HookPoint, decoder_layers, model_width, parse_standard_hook,
-                     replace_activation, resolve_hook, tl_hook_names)
+from .models import (ATTN_MODULE_NAMES, MLP_MODULE_NAMES, HookPoint, _register, decoder_layers, model_width,
+                     parse_standard_hook, resolve_hook, tl_hook_names)
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,7 @@ class HFBackend:
         return Place(("hf", hp.module_path, hp.is_input), hp.name, width), hp
 
     def attach(self, hp: HookPoint, fn: Callable[[Tensor], Tensor | None]) -> Callable[[], None]:
-        stack = contextlib.ExitStack()
-        stack.enter_context(replace_activation(self.model, hp, fn))
-        return stack.close
+        return _register(self.model, hp, fn).remove  # what replace_activation undoes on exit
 
     def names(self) -> list[str]:
         """Names a callable ``names_filter`` is asked about: each standard point as a HF path and as a TL name."""

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SaetuneError
+from .models import parse_standard_hook
 
 WEIGHTS = {"sparsify": "sae.safetensors", "saelens": "sae_weights.safetensors"}
 
@@ -58,8 +59,10 @@ class Release:
 
     def canonical_hook(self, sub: str) -> str:
         """The saetune hook name (HF module path) of one of ``hook_dirs``."""
-        n = _norm_hook(sub)
-        return f"model.{n}" if re.fullmatch(r"layers\.\d+(\..+)?", n) else sub
+        std = parse_standard_hook(sub.strip())
+        if std is None or std[1] not in _SITE_MODULE:
+            return sub
+        return f"model.layers.{std[0]}{_SITE_MODULE[std[1]]}"
 
     def hook_dir(self, hook: str | None) -> str:
         """The sub-directory holding the SAE for ``hook`` (release, saetune, sparsify or TransformerLens spelling)."""
@@ -68,9 +71,9 @@ class Release:
                 return self.hook_dirs[0]
             raise SaetuneError(f"release {self.name!r} holds SAEs for {len(self.hook_dirs)} hooks; pass hook= one "
                                f"of: {_preview(self.hook_dirs)}")
-        want = _norm_hook(hook)
+        want = _hook_key(hook)
         for sub in self.hook_dirs:
-            if _norm_hook(sub) == want:
+            if _hook_key(sub) == want:
                 return sub
         raise SaetuneError(f"release {self.name!r} has no SAE for hook {hook!r}; it holds: {_preview(self.hook_dirs)}")
 
@@ -79,14 +82,14 @@ def _preview(items: tuple[str, ...], n: int = 6) -> str:
     return ", ".join(items) if len(items) <= n else f"{', '.join(items[:3])}, …, {', '.join(items[-2:])}"
 
 
-def _norm_hook(name: str) -> str:
-    """A hook name with the ``model.`` prefix dropped and TransformerLens names mapped onto module paths."""
-    s = name.strip().removeprefix("model.")
-    if m := re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", s):
-        return f"layers.{m.group(1)}"
-    if m := re.fullmatch(r"blocks\.(\d+)\.hook_mlp_out", s):
-        return f"layers.{m.group(1)}.mlp"
-    return s
+def _hook_key(name: str) -> tuple[int, str] | str:
+    """What two spellings of one hook share: ``(layer, site)`` for a standard point, else the stripped name."""
+    s = name.strip()
+    return parse_standard_hook(s) or s
+
+
+# HF module path (Llama / Qwen naming) after ``model.layers.N`` of each standard site that has a module
+_SITE_MODULE = {"block": "", "mlp": ".mlp", "attn": ".self_attn"}
 
 
 RELEASES: dict[str, Release] = {r.name: r for r in [

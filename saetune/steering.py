@@ -154,6 +154,15 @@ def parse_steer(items: list[str]) -> dict[int, float]:
     return out
 
 
+def edits_from_items(clamps: list[str], adds: list[str]) -> list[LatentEdit]:
+    """``FEATURE=VALUE`` clamp items and ``FEATURE=ALPHA`` add items (:func:`parse_steer`) as edits, clamps first.
+
+    ``edits_from_items(["12=0"], ["7=4"])`` → ``[clamp(12, 0.0), add(7, 4.0)]``.
+    """
+    return ([clamp(f, v) for f, v in parse_steer(clamps).items()]
+            + [add(f, a) for f, a in parse_steer(adds).items()])
+
+
 # ---- schedules ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -366,7 +375,7 @@ def _cache_offset(kwargs: dict[str, Any]) -> int:
 
 
 class _Intervention:
-    """State of one :func:`intervene` block: the ids seen per row, the think state, the current call's mask."""
+    """State of one :func:`intervene` block: the positions seen, the think state, the current call's mask."""
 
     def __init__(self, sae, edits: tuple[LatentEdit, ...], schedule: Schedule, mode: str, think_tags, top_k: int,
                  keep_acts: bool, prompt_len: int | None):
@@ -375,7 +384,7 @@ class _Intervention:
         self.rec = SAERecorder(top_k, keep_acts=keep_acts)
         self.dtype = next(sae.parameters()).dtype
         self.needs_positions = schedule != Schedule()
-        self.ids: list[list[int]] | None = None
+        self.seen: int | None = None  # positions fed as input_ids so far (None: the prompt came as embeddings)
         self.pad: list[int] = []
         self.think: list[ThinkState] = []
         self.given_prompt_len = prompt_len
@@ -395,7 +404,7 @@ class _Intervention:
         offset = _cache_offset(kwargs)
         if offset == 0:
             self.prompt_len = T if self.given_prompt_len is None else self.given_prompt_len
-            self.ids = [[] for _ in range(B)] if ids is not None else None
+            self.seen = 0 if ids is not None else None
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == (B, T):
                 self.pad = [int((m.cumsum(0) == 0).sum()) for m in mask]  # leading zeros: left padding
@@ -403,23 +412,22 @@ class _Intervention:
                 self.pad = [0] * B
             if self.schedule.think_only:
                 self.think = [_think_state(self.schedule, self.think_tags) for _ in range(B)]
-        elif self.needs_positions and (self.ids is None or self.prompt_len is None or len(self.ids[0]) != offset):
-            seen = "no prompt" if self.ids is None else f"{len(self.ids[0])} positions"
+        elif self.needs_positions and (self.seen is None or self.prompt_len is None or self.seen != offset):
+            seen = "no prompt" if self.seen is None else f"{self.seen} positions"
             raise SaetuneError(f"the model was called at position {offset} after {seen} were seen; steering on a "
                                "schedule needs the prompt and then each decoding step in order, all inside one "
                                "intervene() block (beam search and assisted decoding are not supported)")
-        if ids is not None and self.ids is not None:
-            new = ids.tolist()
-            for r in range(B):
-                self.ids[r].extend(new[r])
+        if ids is not None and self.seen is not None:
+            self.seen += T
         mask = torch.ones(B, T, dtype=torch.bool)
         if self.needs_positions:
             if self.schedule.think_only and ids is None:
                 raise SaetuneError("a think-only schedule reads the generated token ids; call the model with "
                                    "input_ids, not inputs_embeds")
             P = self.prompt_len
+            rows = ids.tolist() if self.schedule.think_only else None  # one host copy per forward
             for r in range(B):
-                inside = self.think[r].feed(ids[r].tolist()) if self.schedule.think_only else [False] * T
+                inside = self.think[r].feed(rows[r]) if self.schedule.think_only else [False] * T
                 for t in range(T):
                     mask[r, t] = self.schedule.covers(offset + t - P + 1, inside[t])
         for r in range(B):  # padding is never edited
@@ -440,11 +448,12 @@ class _Intervention:
             offset, mask = None, torch.ones(x.shape[:2], dtype=torch.bool)
         else:
             offset, mask = pending
+        edited = bool(mask.any())  # on the host mask, before it moves to x's device
         mask = mask.to(x.device)
         with torch.no_grad():  # the SAE is read, never trained, here
             acts = self.sae.encode(x.to(self.dtype))  # (B, T, d_sae)
             self.rec.add(acts, offset, mask if self.mode != "record" else torch.zeros_like(mask))
-            if self.mode == "record" or not bool(mask.any()):
+            if self.mode == "record" or not edited:
                 return None
             if self.mode == "replace":
                 new = self.sae.decode(acts).to(x.dtype)  # (B, T, d)

@@ -89,7 +89,7 @@ def test_sparsify_release_loads_from_the_local_hf_cache_by_name(hf_cache, monkey
     torch.testing.assert_close(sae.encode(x), want)
     torch.testing.assert_close(sae(x), want @ t["W_dec"] + t["b_dec"])
     # any spelling of the hook finds the same sub-directory; the alias finds the release
-    for hook in ("model.layers.3.mlp", "blocks.3.hook_mlp_out"):
+    for hook in ("model.layers.3.mlp", "blocks.3.hook_mlp_out", "blocks.3.mlp.hook_out", "transformer.h.3.mlp"):
         torch.testing.assert_close(SAE.load(ELEUTHER, hook=hook).W_dec, t["W_dec"])
     torch.testing.assert_close(releases.load("eleuther-r1-distill-qwen-1.5b-65k", hook="layers.3.mlp").W_dec,
                                t["W_dec"])
