@@ -83,7 +83,7 @@ def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", norm_len
       ``loss_scale_factor``, else by the response length its rollout pads every batch to; TRL by
       ``max_completion_length``). The default ``T`` (the mask's width) equals that constant only
       when responses are padded to the response budget, as in verl; a trainer whose batches are
-      padded to their longest sequence must pass it (``saetune.rl.trainer.update`` does).
+      padded to their longest sequence must pass it (``saetune.rl.step.update`` does).
 
     A batch (or a sequence, in the seq modes) with no valid token contributes 0 rather than
     ``nan`` (denominators clamped at 1, as TRL does); empty rows still count in ``mean_b``.

@@ -42,6 +42,7 @@ import torch
 
 from saetune.config import opt
 from saetune.errors import SaetuneError
+from saetune.generation import pad_token_id
 from saetune.io import atomic_replace_dir, atomic_write_json
 from saetune.models import LORA_TARGETS, resolve_device, torch_threads
 from saetune.rl.advantages import overlong_penalty
@@ -50,8 +51,8 @@ from saetune.rl.rewards import RewardSpec, reasoning_pattern_reward
 from saetune.rl.rollout import sample, score_responses
 # the step and its pieces live in saetune.rl.step; re-exported here, where they were first defined
 from saetune.rl.step import (RLState, Sample, _params, batch_tensors, cure_window, filter_values,  # noqa: F401
-                             group_advantages, rollout_groups, score_rewards, step_seed, trace_record, train_step,
-                             update, warmup_lr)
+                             group_advantages, rollout_groups, score_rewards, trace_record, train_step, update,
+                             warmup_lr)
 from saetune.runs import Checkpoints, RunDir
 
 STAGE = "rl"
@@ -335,13 +336,13 @@ def evaluate_policy(policy, tok, cfg: RLConfig, max_new: int, stop_ids: tuple[in
                                               cfg.template), "answer": r[cfg.answer_field]} for r in rows]
     correct = _correctness_fn(cfg.dataset)
     ro_params = _params(cfg, max_new, stop_ids, greedy=True)
+    pad = pad_token_id(tok, policy)
     hits, ent_sum, ent_n = 0.0, 0.0, 0
     for a in range(0, len(probs), 64):  # batches of 64, as evaluate_toy: same padding, same greedy tokens
         chunk = probs[a:a + 64]
         ro = sample(policy, tok, [p["prompt_ids"] for p in chunk], ro_params, seed=0, batch_size=64,
                     compute_scores=False)
         hits += sum(correct(t, p["answer"]) for t, p in zip(ro.texts, chunk))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         _, ents = score_responses(policy, ro.prompt_ids, ro.response_ids, pad, cfg.temperature or 1.0)
         ent_sum += sum(float(e.sum()) for e in ents)
         ent_n += sum(e.numel() for e in ents)
@@ -369,10 +370,11 @@ def train(cfg: RLConfig, out: str | Path | None = None, resume: bool = False, ov
     with RunDir.open(out, STAGE, cfg, resume=resume, overwrite=overwrite, seed=cfg.seed, device=device,
                      resume_ignore=("progress", "device", "threads")) as run:
         run.manifest["n_gpus"] = 1 if device.startswith("cuda") else 0
+        ckpts = Checkpoints(run, keep=cfg.keep_checkpoints)  # the run's one view of its checkpoints
         with torch_threads(cfg.threads):
-            st, start = _set_up(cfg, run, device, resume, reward_fns)
-            seconds = _train_loop(st, start)
-            return _finish(st, *seconds)
+            st, start = _set_up(cfg, run, ckpts, device, resume, reward_fns)
+            seconds = _train_loop(st, ckpts, start)
+            return _finish(st, ckpts, *seconds)
 
 
 def _reference(cfg: RLConfig, device: str):
@@ -422,17 +424,18 @@ def setup(cfg: RLConfig, device: str = "cpu", reward_fns: Mapping[str, Callable]
     return RLState(cfg=cfg, policy=policy, tok=tok, opt=opt, params_list=params_list, ref=ref, run=run,
                    stream=PromptStream(cfg, tok), specs=reward_specs(cfg, max_new, reward_fns), tool=tool,
                    params=_params(cfg, max_new, stop_ids), device=device,
-                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                   pad_id=pad_token_id(tok, policy),
                    lora=lora, max_new=max_new, stop_ids=stop_ids)
 
 
-def _set_up(cfg: RLConfig, run: RunDir, device: str, resume: bool, reward_fns) -> tuple[RLState, int]:
+def _set_up(cfg: RLConfig, run: RunDir, ckpts: Checkpoints, device: str, resume: bool,
+            reward_fns) -> tuple[RLState, int]:
     """The state (:func:`setup`), restored from the latest checkpoint on resume, and the greedy evaluation before
     training (once per run); ``(state, first step)``."""
     with run.phase("load"):
         st = setup(cfg, device, reward_fns, run)
         run.add_input("model", cfg.model if cfg.model != "toy" else st.policy.name_or_path)
-    start = load_checkpoint(Checkpoints(run, keep=cfg.keep_checkpoints), st) if resume else 0
+    start = load_checkpoint(ckpts, st) if resume else 0
     run.truncate_metrics(start)
     if cfg.eval_problems and "eval_before" not in run.manifest:
         with run.phase("eval"):
@@ -441,12 +444,11 @@ def _set_up(cfg: RLConfig, run: RunDir, device: str, resume: bool, reward_fns) -
     return st, start
 
 
-def _train_loop(st: RLState, start: int) -> tuple[float, float]:
+def _train_loop(st: RLState, ckpts: Checkpoints, start: int) -> tuple[float, float]:
     """Steps ``start`` … ``steps − 1`` (:func:`train_step`), a metrics row every ``log_every``, a checkpoint every
     ``checkpoint_every``; ``(wall seconds, this process's CPU seconds)``."""
     from tqdm.auto import tqdm
     cfg, run = st.cfg, st.run
-    ckpts = Checkpoints(run, keep=cfg.keep_checkpoints)
     bar = tqdm(total=cfg.steps, initial=start, desc="rl", unit="step", disable=not cfg.progress)
     t_train, c_train = time.perf_counter(), time.process_time()
     with run.phase("train"):
@@ -463,7 +465,7 @@ def _train_loop(st: RLState, start: int) -> tuple[float, float]:
     return time.perf_counter() - t_train, time.process_time() - c_train
 
 
-def _finish(st: RLState, train_seconds: float, train_cpu_seconds: float) -> dict[str, Any]:
+def _finish(st: RLState, ckpts: Checkpoints, train_seconds: float, train_cpu_seconds: float) -> dict[str, Any]:
     """``model/`` (LoRA merged in), the greedy evaluation after, ``results.json``; the run marked complete."""
     cfg, run = st.cfg, st.run
     with run.phase("save"):
@@ -491,7 +493,7 @@ def _finish(st: RLState, train_seconds: float, train_cpu_seconds: float) -> dict
         "model_dir": str(run.path / "model"), "cure": cfg.cure, "finetune": cfg.finetune,
     }
     atomic_write_json(run.path / "results.json", results)
-    Checkpoints(run).clear()
+    ckpts.clear()
     run.finish(results=results, steps=cfg.steps)
     results["wall_seconds"] = run.manifest["wall_seconds"]
     return results

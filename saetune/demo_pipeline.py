@@ -164,8 +164,9 @@ def demo_steps(cfg: DemoConfig, parent: Path) -> tuple[list[Step], dict[str, Any
     from .config import load_config
     from .evaluate import EvalConfig, run as run_eval
     from .merging import MergeConfig, merge
+    from .models import torch_threads
     from .sae_trainer import TrainSAEConfig, train_sae
-    from .toy.build import ToyBuildConfig, build_toy, shipped_base_path, shipped_source_path, torch_threads
+    from .toy.build import ToyBuildConfig, build_toy, shipped_base_path, shipped_source_path
     from .tuning import tune
 
     steps: list[Step] = []

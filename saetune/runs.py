@@ -585,9 +585,9 @@ class Checkpoints:
     ``state.json['rng']``). Never pickle. ``root`` is a run (anything with ``.path``) or a dir.
     """
 
-    def __init__(self, root: Any, keep: int = 2, *, dirname: str = CHECKPOINTS):
+    def __init__(self, root: Any, keep: int = 2):
         base = Path(root.path if hasattr(root, "path") else root)
-        self.root = base / dirname
+        self.root = base / CHECKPOINTS
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise SaetuneError(f"keep_checkpoints must be an integer of 0 or more (0 keeps all), got {keep!r}")
         self.keep = keep

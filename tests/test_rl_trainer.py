@@ -41,7 +41,8 @@ def _weights(run_dir):
 def test_rl_raises_toy_greedy_accuracy(tmp_path, toy_base):
     """A fixed budget with a fixed seed raises greedy accuracy (measured 0.676 -> 0.711, see LEARN)."""
     from saetune.models import load_model
-    from saetune.toy.build import evaluate_toy, torch_threads
+    from saetune.models import torch_threads
+    from saetune.toy.build import evaluate_toy
     cfg = RLConfig(**{**TINY, **LEARN})
     res = T.train(cfg, tmp_path / "rl")
     assert (tmp_path / "rl" / "model" / "config.json").exists()

@@ -34,7 +34,7 @@ from ..config import opt
 from ..errors import SaetuneError
 from ..generation import SamplingParams, hf_generate
 from ..io import atomic_replace_dir, atomic_write_json
-from ..models import torch_threads  # noqa: F401  (saetune.toy.build.torch_threads, where it was first defined)
+from ..models import torch_threads
 from ..runs import Checkpoints, RunDir, read_manifest
 from . import task
 
